@@ -1,0 +1,45 @@
+# pneumo_ray: `make demo` runs the training job end to end, `make test` runs the test suite.
+# Both create .venv when it is missing and install the project into it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?=
+OUT ?= out/demo
+DEMO_FLAGS ?= --image-size 64 --epochs 3
+# torch/torchvision pinned to the releases this machine has on disk (pyproject caps them).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint format venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: venv
+ifeq ($(DATA),)
+	$(PY) -m pneumo_ray.synthetic out/demo_store
+	$(PY) jobs/train.py --data out/demo_store --output $(OUT) $(DEMO_FLAGS)
+else
+	$(PY) jobs/train.py --data $(DATA) --output $(OUT) $(DEMO_FLAGS)
+endif
+
+test: venv
+	$(PY) -m ruff check pneumo_ray jobs tests
+	$(PY) -m pytest
+
+lint: venv
+	$(PY) -m ruff check pneumo_ray jobs tests
+	$(PY) -m ruff format --check pneumo_ray jobs tests
+
+format: venv
+	$(PY) -m ruff format pneumo_ray jobs tests
+	$(PY) -m ruff check --fix pneumo_ray jobs tests
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

@@ -1,0 +1,108 @@
+"""Train the four chest X-ray models on a labelled image store and write a model bundle.
+
+    python jobs/train.py --data STORE --output BUNDLE [--image-size N] [--epochs N] [--limit N]
+        [--num-workers N] [--use-gpu/--no-use-gpu]
+
+STORE and BUNDLE are local paths or s3:// URIs. Runs the same under
+``ray job submit --working-dir . -- python jobs/train.py ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
+
+from pneumo_ray.config import TrainConfig  # noqa: E402
+from pneumo_ray.errors import USER_ERRORS  # noqa: E402
+from pneumo_ray.pipeline import run_training  # noqa: E402
+from pneumo_ray.runtime import init_ray  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="labelled store (Kaggle layout)")
+    parser.add_argument("--output", required=True, help="where the bundle goes")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs for every network (default: the design's 10/10/30)",
+    )
+    parser.add_argument("--binary-epochs", type=int, default=None)
+    parser.add_argument("--multiclass-epochs", type=int, default=None)
+    parser.add_argument("--autoencoder-epochs", type=int, default=None)
+    parser.add_argument("--lr-binary", type=float, default=None, help="default 3e-5")
+    parser.add_argument("--lr-multiclass", type=float, default=None, help="default 1e-3")
+    parser.add_argument("--lr-autoencoder", type=float, default=None, help="default 1e-3")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="at most N training images per class (smoke runs)"
+    )
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument(
+        "--use-gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: GPUs when the cluster has them",
+    )
+    parser.add_argument("--cpus-per-worker", type=int, default=None)
+    parser.add_argument(
+        "--storage-path", default=None, help="checkpoint storage (default: <output>/checkpoints)"
+    )
+    parser.add_argument("--max-failures", type=int, default=2)
+    parser.add_argument("--knn-k", type=int, default=5)
+    parser.add_argument("--knn-features", default="auto", choices=["auto", "softmax", "embedding"])
+    parser.add_argument("--anomaly-percentile", type=float, default=95.0)
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS, else embedded Ray)",
+    )
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    config = TrainConfig(
+        data=args.data,
+        output=args.output,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        limit=args.limit,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        storage_path=args.storage_path,
+        max_failures=args.max_failures,
+        knn_k=args.knn_k,
+        knn_features=args.knn_features,
+        anomaly_percentile=args.anomaly_percentile,
+    )
+    for name in ("binary", "multiclass", "autoencoder"):
+        network = config.network(name)
+        if getattr(args, f"{name}_epochs") is not None:
+            network.epochs = getattr(args, f"{name}_epochs")
+        if getattr(args, f"lr_{name}") is not None:
+            network.lr = getattr(args, f"lr_{name}")
+    return config
+
+
+def main(args: argparse.Namespace) -> None:
+    config = config_from_args(args)
+    init_ray(args.address)
+    run_training(config)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except USER_ERRORS as exc:
+        sys.exit(f"train.py: error: {exc}")

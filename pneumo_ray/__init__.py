@@ -1,0 +1,1 @@
+"""Train chest X-ray pneumonia models with Ray Train; score image stores with Ray Data."""

@@ -1,0 +1,224 @@
+"""What a trained model set is on disk, and how it predicts.
+
+A bundle is a folder (local or ``s3://``) holding::
+
+    card.json               labels, input size, preprocessing, thresholds, KNN settings, data
+                            fingerprint, package versions, test metrics, and each file's sha256
+    binary.pt               state dicts; load with torch.load(..., weights_only=True)
+    multiclass.pt
+    autoencoder.pt
+    knn_reference.parquet   KNN reference set: image_uri, label, feature (no pickle)
+    report/                 metrics.json and PNG plots
+
+Loading runs no code from the bundle: weights load with ``weights_only=True``, the KNN is
+refitted from Parquet, and every file must match the sha256 the card gives for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pneumo_ray import stores
+from pneumo_ray.images import to_model_input
+from pneumo_ray.labels import BINARY_LABELS, CLASS_LABELS
+from pneumo_ray.models import ChestCNN, ConvAutoencoder, KnnReference, binary_cnn, multiclass_cnn
+from pneumo_ray.models.autoencoder import reconstruction_error
+from pneumo_ray.models.knn import multiclass_outputs, select_features
+
+BUNDLE_FORMAT = "pneumo_ray.bundle/1"
+CARD = "card.json"
+WEIGHT_FILES = {
+    "binary": "binary.pt",
+    "multiclass": "multiclass.pt",
+    "autoencoder": "autoencoder.pt",
+}
+KNN_FILE = "knn_reference.parquet"
+REPORT_DIR = "report"
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, incomplete, or whose files do not match its card."""
+
+
+def package_versions() -> dict[str, str]:
+    names = (
+        "pneumo_ray",
+        "ray",
+        "torch",
+        "torchvision",
+        "scikit-learn",
+        "pillow",
+        "pyarrow",
+        "numpy",
+    )
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Bundle:
+    """The four models and the card that says how to use them."""
+
+    card: dict
+    binary: ChestCNN
+    multiclass: ChestCNN
+    autoencoder: ConvAutoencoder
+    knn: KnnReference
+
+    @property
+    def image_size(self) -> int:
+        return int(self.card["image_size"])
+
+    @property
+    def model_version(self) -> str:
+        return str(self.card.get("model_version", "unsaved"))
+
+    @property
+    def binary_threshold(self) -> float:
+        return float(self.card["models"]["binary"]["threshold"])
+
+    @property
+    def anomaly_threshold(self) -> float:
+        return float(self.card["models"]["autoencoder"]["threshold"])
+
+    def to(self, device: torch.device | str) -> Bundle:
+        for model in (self.binary, self.multiclass, self.autoencoder):
+            model.to(device).eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.binary.parameters()).device
+
+    @torch.inference_mode()
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """All four models on one batch of decoded uint8 images ``(B, S, S)``.
+
+        Returns one array per output column (see the scoring job's Parquet schema).
+        """
+        x = to_model_input(images).to(self.device)  # (B, 1, S, S)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        p_pneumonia = torch.sigmoid(self.binary(x)).float().cpu().numpy()
+        probs, embedding = multiclass_outputs(self.multiclass, x)
+        probs, embedding = probs.float().cpu().numpy(), embedding.float().cpu().numpy()
+        anomaly = reconstruction_error(self.autoencoder, x).float().cpu().numpy()
+        knn_features = select_features(probs, embedding, self.knn.feature_kind)
+        neighbour_uris, distances = self.knn.neighbours(knn_features)
+        return {
+            "p_pneumonia": p_pneumonia.astype(np.float32),
+            "pred_binary": np.where(p_pneumonia >= self.binary_threshold, *BINARY_LABELS[::-1]),
+            "p_normal": probs[:, 0].astype(np.float32),
+            "p_bacterial": probs[:, 1].astype(np.float32),
+            "p_viral": probs[:, 2].astype(np.float32),
+            "pred_class": np.asarray(CLASS_LABELS)[probs.argmax(axis=1)],
+            "knn_label": self.knn.predict(knn_features),
+            "knn_neighbors": neighbour_uris,
+            "knn_distances": distances,
+            "anomaly_score": anomaly.astype(np.float32),
+            "is_anomaly": anomaly > self.anomaly_threshold,
+        }
+
+
+def _state_dict_bytes(model: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    return buffer.getvalue()
+
+
+def write_bundle(bundle: Bundle, uri: str, report_dir: str | None = None) -> dict:
+    """Write a bundle to ``uri`` (local or s3://); returns the card as written.
+
+    The card, which names every file's sha256, is written last: a bundle without a card is
+    an unfinished one.
+    """
+    payloads: dict[str, bytes] = {
+        WEIGHT_FILES["binary"]: _state_dict_bytes(bundle.binary),
+        WEIGHT_FILES["multiclass"]: _state_dict_bytes(bundle.multiclass),
+        WEIGHT_FILES["autoencoder"]: _state_dict_bytes(bundle.autoencoder),
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        knn_path = os.path.join(scratch, KNN_FILE)
+        pq.write_table(bundle.knn.to_table(), knn_path)
+        with open(knn_path, "rb") as handle:
+            payloads[KNN_FILE] = handle.read()
+    files = {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in payloads.items()}
+    combined = sha256("".join(files[name]["sha256"] for name in sorted(files)).encode())
+    card = {
+        **bundle.card,
+        "format": BUNDLE_FORMAT,
+        "model_version": f"pneumo-{combined[:12]}",
+        "files": files,
+        "versions": package_versions(),
+    }
+    stores.delete_dir(stores.join(uri, REPORT_DIR))
+    for name, data in payloads.items():
+        stores.write_bytes(stores.join(uri, name), data)
+    if report_dir:
+        stores.upload_dir(report_dir, stores.join(uri, REPORT_DIR))
+    stores.write_bytes(stores.join(uri, CARD), json.dumps(card, indent=2).encode())
+    bundle.card = card
+    return card
+
+
+def read_card(uri: str) -> dict:
+    card_uri = stores.join(uri, CARD)
+    if not stores.exists(card_uri):
+        raise BundleError(f"{uri}: not a model bundle (no {CARD}; was training finished?)")
+    card = json.loads(stores.read_bytes(card_uri))
+    if card.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{card_uri}: format {card.get('format')!r}, expected {BUNDLE_FORMAT}")
+    return card
+
+
+def _verified(uri: str, name: str, card: dict) -> bytes:
+    expected = card["files"].get(name)
+    if expected is None:
+        raise BundleError(f"{uri}: the card lists no {name}")
+    file_uri = stores.join(uri, name)
+    if not stores.exists(file_uri):
+        raise BundleError(f"{file_uri}: missing from the bundle")
+    data = stores.read_bytes(file_uri)
+    if sha256(data) != expected["sha256"]:
+        raise BundleError(
+            f"{file_uri}: sha256 {sha256(data)[:12]}... does not match the card's "
+            f"{expected['sha256'][:12]}... (file changed or corrupt)"
+        )
+    return data
+
+
+def load_bundle(uri: str, device: torch.device | str = "cpu") -> Bundle:
+    """Load and verify a bundle; raises BundleError if any file does not match its card."""
+    card = read_card(uri)
+    size = int(card["image_size"])
+    models = {
+        "binary": binary_cnn(size),
+        "multiclass": multiclass_cnn(size),
+        "autoencoder": ConvAutoencoder(size),
+    }
+    for name, model in models.items():
+        data = _verified(uri, WEIGHT_FILES[name], card)
+        model.load_state_dict(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
+        if torch.device(device).type == "cpu":
+            model.to(memory_format=torch.channels_last)
+    knn = KnnReference.from_table(pq.read_table(io.BytesIO(_verified(uri, KNN_FILE, card))))
+    return Bundle(card, knn=knn, **models).to(device)

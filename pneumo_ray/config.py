@@ -1,0 +1,119 @@
+"""Settings of the training job, with the design's values as defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from pneumo_ray.models.knn import FEATURE_KINDS
+
+
+class ConfigError(ValueError):
+    """A setting out of range; the message names the command-line flag."""
+
+
+@dataclass
+class NetworkConfig:
+    """How one network trains."""
+
+    epochs: int
+    lr: float
+    early_stopping_patience: int | None = None  # epochs without val-loss gain; None = off
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``jobs/train.py`` needs; each field is a command-line flag."""
+
+    data: str
+    """Labelled image store: local folder or s3:// URI in the Kaggle layout (--data)."""
+    output: str
+    """Where the model bundle goes: local folder or s3:// URI (--output)."""
+    image_size: int = 224
+    """Side of the square model input in pixels; a multiple of 16 (--image-size)."""
+    batch_size: int = 32
+    """Global batch size, split across training workers (--batch-size)."""
+    epochs: int | None = None
+    """Epochs for every network; None keeps the design's 10/10/30 (--epochs)."""
+    binary: NetworkConfig = dataclasses.field(default_factory=lambda: NetworkConfig(10, 3e-5))
+    multiclass: NetworkConfig = dataclasses.field(
+        default_factory=lambda: NetworkConfig(10, 1e-3, early_stopping_patience=3)
+    )
+    autoencoder: NetworkConfig = dataclasses.field(default_factory=lambda: NetworkConfig(30, 1e-3))
+    limit: int | None = None
+    """Keep at most this many training images per class, for smoke runs (--limit)."""
+    val_fraction: float = 0.15
+    """Share of training patients held out for validation (--val-fraction)."""
+    seed: int = 0
+    """Seed of the patient split, the row order and the networks' initialisation (--seed)."""
+    num_workers: int | None = None
+    """Ray Train workers; None: one per GPU, or one CPU worker (--num-workers)."""
+    use_gpu: bool | None = None
+    """Train on GPUs; None: when the cluster has one (--use-gpu/--no-use-gpu)."""
+    cpus_per_worker: int | None = None
+    """CPUs each training worker reserves; None: a whole node's CPUs, split among its
+    workers (--cpus-per-worker)."""
+    storage_path: str | None = None
+    """Where Ray Train keeps checkpoints; None: <output>/checkpoints (--storage-path)."""
+    max_failures: int = 2
+    """Worker failures to recover from, each time from the last checkpoint (--max-failures)."""
+    knn_k: int = 5
+    """Neighbours of the KNN classifier (--knn-k)."""
+    knn_features: str = "auto"
+    """KNN features: softmax, embedding, or auto (better on validation) (--knn-features)."""
+    anomaly_percentile: float = 95.0
+    """Anomaly threshold: this percentile of normal validation images' scores
+    (--anomaly-percentile)."""
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32 or self.image_size % 16:
+            raise ConfigError(
+                f"--image-size must be a multiple of 16 (min 32); got {self.image_size}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.epochs is not None:
+            if self.epochs < 1:
+                raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
+            for network in (self.binary, self.multiclass, self.autoencoder):
+                network.epochs = self.epochs
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ConfigError(f"--num-workers must be at least 1, got {self.num_workers}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
+            raise ConfigError(f"--cpus-per-worker must be at least 1, got {self.cpus_per_worker}")
+        if self.knn_k < 1:
+            raise ConfigError(f"--knn-k must be at least 1, got {self.knn_k}")
+        if self.knn_features not in ("auto", *FEATURE_KINDS):
+            raise ConfigError(
+                f"--knn-features must be auto, softmax or embedding; got {self.knn_features!r}"
+            )
+        if not 50.0 <= self.anomaly_percentile < 100.0:
+            raise ConfigError(
+                f"--anomaly-percentile must be in [50, 100), got {self.anomaly_percentile}"
+            )
+
+    def network(self, name: str) -> NetworkConfig:
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def run_key(self, network: str) -> str:
+        """Name of a network's Ray Train run: the same settings resume the same run."""
+        identity = {
+            "data": self.data,
+            "image_size": self.image_size,
+            "batch_size": self.batch_size,
+            "limit": self.limit,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+            network: dataclasses.asdict(self.network(network)),
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        return f"{network}-{digest[:10]}"

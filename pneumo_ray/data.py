@@ -1,0 +1,152 @@
+"""A labelled image store -> listing with labels -> Ray Data datasets of decoded images.
+
+The store is listed once (one recursive listing, sizes included), labelled from the Kaggle
+layout and filenames, then read and decoded by Ray Data CPU tasks. A file that cannot be read
+or decoded becomes a row with an ``error`` instead of failing its block, so training can skip
+it and name it in the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from pneumo_ray import stores
+from pneumo_ray.images import ImageDecodeError, decode_image
+from pneumo_ray.labels import (
+    CLASS_DIRS,
+    CLASS_LABELS,
+    IMAGE_SUFFIXES,
+    LabelError,
+    LabelledImage,
+    label_from_path,
+)
+
+DECODE_BATCH_SIZE = 64
+
+
+class StoreLayoutError(ValueError):
+    """A labelled store that is not in the Kaggle layout, or misses a class."""
+
+
+def load_image(uri: str, image_size: int) -> np.ndarray:
+    """Read and decode one image; raises ImageDecodeError or StoreError."""
+    return decode_image(stores.read_bytes(uri), image_size)
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data batch function: add ``image`` (B, S, S) uint8 and ``error`` ("" when decoded).
+
+    Each row is decoded on its own; a bad file yields a zero image and its error message,
+    never an exception (one raised here would fail the whole block, and the job).
+    """
+    uris = batch["image_uri"]
+    images = np.zeros((len(uris), image_size, image_size), dtype=np.uint8)
+    # "" rather than None for success: a column of only None would reach Arrow as NaNs.
+    errors = [""] * len(uris)
+    for i, uri in enumerate(uris):
+        try:
+            images[i] = load_image(str(uri), image_size)
+        except (ImageDecodeError, stores.StoreError, OSError) as exc:
+            errors[i] = str(exc)
+    return {**batch, "image": images, "error": np.array(errors, dtype=object)}
+
+
+def _drop_failed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ok = batch["error"] == ""
+    return {key: value[ok] for key, value in batch.items() if key != "error"}
+
+
+def _only_normal(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keep = batch["label_index"] == CLASS_LABELS.index("normal")
+    return {key: value[keep] for key, value in batch.items()}
+
+
+def list_store(uri: str) -> list[LabelledImage]:
+    """List and label every image of a Kaggle-layout store ``{train,val,test}/{NORMAL,PNEUMONIA}``.
+
+    Raises StoreError for a missing store, StoreLayoutError for a missing split or class, and
+    LabelError (naming the file) for a file whose name gives no label or patient.
+    """
+    if not stores.is_dir(uri):
+        raise stores.StoreError(f"{uri}: image store not found (expected a folder or s3:// prefix)")
+    images: list[LabelledImage] = []
+    root = stores.normalize(uri)
+    for entry in stores.list_files(root, IMAGE_SUFFIXES):
+        relative = entry.uri[len(root) :].lstrip("/").split("/")
+        if len(relative) != 3 or relative[0] not in ("train", "val", "test"):
+            continue  # README files, manifests, other folders: not part of the layout
+        if relative[1].upper() not in CLASS_DIRS:
+            raise LabelError(f"{entry.uri}: class folder must be NORMAL or PNEUMONIA")
+        images.append(label_from_path(entry.uri, relative[0], entry.size))
+    train = Counter(image.label for image in images if image.split in ("train", "val"))
+    for label in CLASS_LABELS:
+        if not train[label]:
+            raise StoreLayoutError(f"{uri}: the training images have no {label} image")
+    test = Counter(image.label == "normal" for image in images if image.split == "test")
+    for is_normal, folder in ((True, "NORMAL"), (False, "PNEUMONIA")):
+        if not test[is_normal]:
+            raise StoreLayoutError(f"{uri}: test/{folder} has no .jpeg/.jpg/.png images")
+    return images
+
+
+def fingerprint(images: Sequence[LabelledImage]) -> dict:
+    """A stable summary of the data a model was trained on: URIs and sizes, hashed."""
+    digest = hashlib.sha256()
+    for image in sorted(images, key=lambda i: i.uri):
+        digest.update(f"{image.uri}\t{image.size}\n".encode())
+    counts = Counter(image.label for image in images)
+    return {
+        "images": len(images),
+        "bytes": sum(image.size for image in images),
+        "class_counts": {label: counts.get(label, 0) for label in CLASS_LABELS},
+        "sha256": digest.hexdigest(),
+    }
+
+
+@dataclass
+class DecodedSplit:
+    """A materialized dataset of decoded images, with what could not be used."""
+
+    dataset: ray.data.Dataset  # columns: image_uri, label_index, image (S, S) uint8
+    count: int
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (uri, why)
+
+
+def decode_split(images: Sequence[LabelledImage], image_size: int, seed: int) -> DecodedSplit:
+    """Decode a split with Ray Data and keep it in the object store.
+
+    The rows are shuffled (seeded) before decoding so that blocks mix the classes: the training
+    iterators only shuffle locally. Decoding once, here, leaves Ray Data no CPU work while the
+    trainers run, so workers may take every CPU without starving it.
+    """
+    rows = [
+        {"image_uri": image.uri, "label_index": CLASS_LABELS.index(image.label)} for image in images
+    ]
+    random.Random(seed).shuffle(rows)
+    decoded = (
+        ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // DECODE_BATCH_SIZE))
+        .map_batches(
+            decode_batch,
+            fn_kwargs={"image_size": image_size},
+            batch_size=DECODE_BATCH_SIZE,
+            batch_format="numpy",
+        )
+        .materialize()
+    )
+    outcome = decoded.select_columns(["image_uri", "error"]).to_pandas()
+    failed_rows = outcome[outcome["error"] != ""]
+    failed = sorted(zip(failed_rows["image_uri"], failed_rows["error"], strict=True))
+    dataset = decoded.map_batches(_drop_failed, batch_format="numpy").materialize()
+    return DecodedSplit(dataset, len(rows) - len(failed), failed)
+
+
+def normal_only(split: DecodedSplit) -> ray.data.Dataset:
+    """The normal images of a decoded split (the autoencoder's training data)."""
+    return split.dataset.map_batches(_only_normal, batch_format="numpy").materialize()

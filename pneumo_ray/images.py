@@ -1,0 +1,109 @@
+"""Decode, resize and augment chest X-rays.
+
+One decoding path serves training and scoring alike: any JPEG or PNG (grayscale, RGB, RGBA,
+palette, 16-bit) becomes an 8-bit grayscale ``(S, S)`` array; the model sees it scaled to
+[0, 1]. Images are squashed to a square, as the Kaggle copies of this data set already are.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+# A real chest X-ray is at most a few thousand pixels a side; far beyond that it is a
+# decompression bomb or not an X-ray at all.
+MAX_PIXELS = 60_000_000
+MIN_SIDE = 16
+
+PREPROCESSING = {
+    "decode": "8-bit grayscale (16-bit scaled by 1/257; alpha composited on black)",
+    "resize": "bilinear to image_size x image_size (aspect ratio not kept)",
+    "scale": "pixel / 255 -> [0, 1]",
+    "jpeg_draft": "JPEG decoded at the smallest DCT scale not below image_size",
+}
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable chest X-ray image; the message says why."""
+
+
+def _to_grayscale_u8(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> 8-bit grayscale array."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if mode == "I" and pixels.max(initial=0) > 65535:
+            raise ImageDecodeError(f"32-bit integer pixels up to {pixels.max():.0f}")
+        return np.clip(np.round(pixels / 257.0), 0, 255).astype(np.uint8)
+    if mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        hi = 1.0 if pixels.max(initial=0) <= 1.0 else 65535.0 if pixels.max() > 255 else 255.0
+        return np.clip(np.round(pixels / hi * 255.0), 0, 255).astype(np.uint8)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(black, rgba)
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def decode_image(data: bytes, image_size: int) -> np.ndarray:
+    """Bytes of a JPEG or PNG -> ``(image_size, image_size)`` uint8 grayscale.
+
+    Raises ImageDecodeError for empty, truncated, corrupt or absurdly large images.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageDecodeError(
+                    f"{width}x{height} pixels is over the {MAX_PIXELS:,} pixel limit "
+                    "(decompression bomb?)"
+                )
+            if min(width, height) < MIN_SIDE:
+                raise ImageDecodeError(f"{width}x{height} pixels is too small for an X-ray")
+            if image.format == "JPEG":
+                # DCT scaling: decode at 1/2, 1/4 or 1/8 when that still covers the target.
+                image.draft("L", (image_size, image_size))
+            image = ImageOps.exif_transpose(image)
+            image.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
+    except Exception as exc:  # Pillow raises many types for bad bytes
+        raise ImageDecodeError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
+    gray = Image.fromarray(_to_grayscale_u8(image))
+    resized = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def to_model_input(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, H, W)`` -> float32 ``(B, 1, H, W)`` in [0, 1]."""
+    if isinstance(batch, np.ndarray) and not batch.flags.writeable:
+        batch = batch.copy()  # Ray hands out read-only views; torch wants to own writable memory
+    tensor = torch.as_tensor(batch)
+    return tensor.unsqueeze(1).to(torch.float32).div_(255.0)
+
+
+def train_augmentation() -> v2.Transform:
+    """The design's augmentation: rotation, shifts, shear, zoom, horizontal flip."""
+    return v2.Compose(
+        [
+            v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=8),
+            v2.RandomHorizontalFlip(p=0.5),
+        ]
+    )
+
+
+def augment_batch(images: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
+    """Apply ``transform`` to each image of a ``(B, 1, H, W)`` batch with its own randomness."""
+    return torch.stack([transform(image) for image in images])

@@ -1,0 +1,155 @@
+"""Where data lives: local paths and ``s3://`` URIs, through ``pyarrow.fs``.
+
+Every read and write of the package goes through here, so that a local folder and an S3 prefix
+behave the same. S3 uses the standard AWS settings: the credentials chain, ``AWS_REGION`` and
+``AWS_ENDPOINT_URL`` (for S3-compatible stores such as MinIO).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+
+class StoreError(FileNotFoundError):
+    """A store, folder or file that is missing or cannot be read."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a listing: its URI and size in bytes."""
+
+    uri: str
+    size: int
+    mtime_ns: int | None = None
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem_for(scheme: str, bucket: str) -> pafs.FileSystem:
+    if scheme == "s3":
+        # from_uri reads the credentials chain and the region; AWS_ENDPOINT_URL is honoured by
+        # recent pyarrow, but older releases ignore it, so pass it explicitly when set.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict = {}
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+            kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs)
+    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
+    return fs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path within it) for a local path or a URI."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    scheme, rest = uri.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    return _filesystem_for(scheme, bucket), rest.rstrip("/")
+
+
+def normalize(uri: str) -> str:
+    """A canonical form of a URI: local paths absolute, no trailing slash."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if is_remote(uri):
+        return uri.rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def _uri_for(base_uri: str, path: str) -> str:
+    """URI of ``path`` (as the filesystem names it) in the same store as ``base_uri``."""
+    if is_remote(base_uri):
+        return f"{base_uri.split('://', 1)[0]}://{path}"
+    return path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with ``/`` (local paths too)."""
+    if is_remote(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[FileEntry]:
+    """Every file under ``uri``, recursively, with sizes from the listing itself.
+
+    One recursive listing: on S3 that is paged ListObjectsV2 calls, never a HEAD per object.
+    """
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise StoreError(f"{uri}: no such folder or prefix")
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    entries = []
+    for item in infos:
+        if item.type != pafs.FileType.File:
+            continue
+        if suffixes and not item.path.lower().endswith(suffixes):
+            continue
+        entries.append(FileEntry(_uri_for(uri, item.path), item.size, item.mtime_ns))
+    entries.sort(key=lambda e: e.uri)
+    return entries
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError as exc:
+        raise StoreError(f"{uri}: no such file") from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file, making parent folders as needed."""
+    fs, path = resolve(uri)
+    fs.create_dir(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path))
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder's contents to ``uri`` (local or remote)."""
+    fs, path = resolve(uri)
+    fs.create_dir(path)
+    pafs.copy_files(local_dir, path, destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    """Copy the contents of ``uri`` into a local folder."""
+    fs, path = resolve(uri)
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(path, local_dir, source_filesystem=fs)
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)

@@ -1,0 +1,177 @@
+"""jobs/train.py end to end on a small subset of the real chest X-rays."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pneumo_ray.bundle import load_bundle
+from pneumo_ray.models import binary_cnn
+
+from .conftest import CHEST_XRAY, run_job
+
+SIZE = 64
+CORRUPT = "train/NORMAL/IM-9999-0001.jpeg"
+
+
+@pytest.fixture(scope="module")
+def subset_store(tmp_path_factory):
+    """40 training images per class and 120 test images, copied from ../shared, plus one
+    corrupt file among the good ones."""
+    root = tmp_path_factory.mktemp("subset")
+    rng = random.Random(0)
+    picks = {
+        ("train", "NORMAL", "IM-"): 40,
+        ("train", "PNEUMONIA", "bacteria"): 40,
+        ("train", "PNEUMONIA", "virus"): 40,
+        ("test", "NORMAL", "IM-"): 60,
+        ("test", "PNEUMONIA", "person"): 60,
+    }
+    for (split, folder, marker), count in picks.items():
+        files = sorted(p for p in (CHEST_XRAY / split / folder).glob("*.jpeg") if marker in p.name)
+        (root / split / folder).mkdir(parents=True, exist_ok=True)
+        for path in rng.sample(files, count):
+            shutil.copy(path, root / split / folder / path.name)
+    (root / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF truncated")
+    return root
+
+
+TRAIN_ARGS = ["--image-size", str(SIZE), "--epochs", "4", "--lr-binary", "1e-3", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(subset_store, tmp_path_factory, job_env):
+    bundle = tmp_path_factory.mktemp("bundle") / "b"
+    result = run_job(
+        "train.py", "--data", str(subset_store), "--output", str(bundle), *TRAIN_ARGS, env=job_env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return bundle, result.stdout + result.stderr
+
+
+def test_bundle_holds_every_file(trained):
+    bundle, _ = trained
+    for name in (
+        "binary.pt",
+        "multiclass.pt",
+        "autoencoder.pt",
+        "knn_reference.parquet",
+        "card.json",
+        "report/metrics.json",
+        "report/roc.png",
+        "report/training_curves.png",
+        "report/autoencoder_reconstructions.png",
+        *(f"report/confusion_{m}.png" for m in ("binary", "multiclass", "knn", "autoencoder")),
+    ):
+        assert (bundle / name).is_file() and (bundle / name).stat().st_size > 0, name
+    state = torch.load(bundle / "binary.pt", weights_only=True)
+    binary_cnn(SIZE).load_state_dict(state)  # the state dict fits the architecture
+
+    card = json.loads((bundle / "card.json").read_text())
+    assert card["image_size"] == SIZE
+    assert card["models"]["binary"]["labels"] == ["normal", "pneumonia"]
+    assert card["models"]["multiclass"]["labels"] == ["normal", "bacterial", "viral"]
+    assert 0.0 < card["models"]["binary"]["threshold"] < 1.0
+    assert card["models"]["autoencoder"]["threshold"] > 0.0
+    assert card["models"]["knn"]["k"] == 5
+    assert card["models"]["knn"]["feature_kind"] in ("softmax", "embedding")
+    assert set(card["models"]["knn"]["validation_accuracy"]) == {"softmax", "embedding"}
+    assert (
+        card["data_fingerprint"]["train"]["images"] + card["data_fingerprint"]["val"]["images"]
+        == 121
+    )
+    assert len(card["data_fingerprint"]["train"]["sha256"]) == 64
+    assert card["versions"]["ray"] == "2.60.0"
+    assert set(card["metrics"]["test"]) == {"binary", "multiclass", "knn", "autoencoder"}
+    assert card["training"]["class_weights"]["binary"][0] > 1.0  # normal is the minority
+
+    reference = pq.read_table(bundle / "knn_reference.parquet")
+    assert reference.column_names == ["image_uri", "label", "feature"]
+    assert reference.num_rows == card["models"]["knn"]["reference_images"]
+    assert all(
+        uri.startswith(str(CHEST_XRAY.parent)) is False
+        for uri in reference.column("image_uri").to_pylist()
+    )  # the subset's own files
+    load_bundle(str(bundle))  # verifies every sha256
+
+
+def test_metrics_report_every_model(trained):
+    bundle, output = trained
+    metrics = json.loads((bundle / "report" / "metrics.json").read_text())["test"]
+    for name in ("binary", "multiclass", "knn", "autoencoder"):
+        m = metrics[name]
+        assert m["n"] == 120
+        assert 0.0 <= m["accuracy"] <= 1.0
+        assert sum(map(sum, m["confusion_matrix"])) == 120
+        assert all(
+            {"precision", "recall", "f1", "support"} <= set(c) for c in m["per_class"].values()
+        )
+    assert "roc_auc" in metrics["binary"] and "roc_auc" in metrics["multiclass"]
+    assert "epoch 4/4" in output and "binary" in output  # progress every epoch
+    assert "accuracy" in output and "roc_auc" in output  # the closing metrics table
+
+
+def test_binary_model_beats_chance_on_the_test_images(trained):
+    bundle, _ = trained
+    binary = json.loads((bundle / "report" / "metrics.json").read_text())["test"]["binary"]
+    recall = [c["recall"] for c in binary["per_class"].values()]
+    assert binary["roc_auc"] > 0.75, binary
+    assert sum(recall) / 2 > 0.6, binary  # balanced accuracy at the bundle's threshold
+
+
+def test_corrupt_training_image_is_skipped_counted_and_named(trained, subset_store):
+    bundle, output = trained
+    bad = str(subset_store / CORRUPT)
+    report = json.loads((bundle / "report" / "metrics.json").read_text())
+    assert [s["image_uri"] for s in report["skipped_images"]] == [bad]
+    assert "not a readable image" in report["skipped_images"][0]["error"]
+    assert f"skipped unreadable image {bad}" in output
+
+
+def test_rerun_resumes_from_the_last_checkpoints(trained, subset_store, job_env):
+    bundle, _ = trained
+    first = json.loads((bundle / "card.json").read_text())
+    result = run_job(
+        "train.py", "--data", str(subset_store), "--output", str(bundle), *TRAIN_ARGS, env=job_env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for network in ("binary", "multiclass", "autoencoder"):
+        assert f"[{network}] resuming after epoch" in output
+    assert "epoch 1/4" not in output  # nothing retrained
+    again = json.loads((bundle / "card.json").read_text())
+    assert again["files"]["binary.pt"] == first["files"]["binary.pt"]
+
+
+def test_missing_store_fails_with_a_clear_message(tmp_path, job_env):
+    result = run_job(
+        "train.py",
+        "--data",
+        str(tmp_path / "absent"),
+        "--output",
+        str(tmp_path / "out"),
+        env=job_env,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "image store not found" in result.stderr
+
+
+def test_bad_flag_value_names_the_flag(tmp_path, job_env):
+    result = run_job(
+        "train.py",
+        "--data",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o"),
+        "--image-size",
+        "100",
+        env=job_env,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "--image-size" in result.stderr
