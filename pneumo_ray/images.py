@@ -21,7 +21,8 @@ MAX_PIXELS = 60_000_000
 MIN_SIDE = 16
 
 PREPROCESSING = {
-    "decode": "8-bit grayscale (16-bit scaled by 1/257; alpha composited on black)",
+    "decode": "8-bit grayscale (16-bit scaled by 1/257; alpha composited on black; DICOM: "
+    "modality LUT, VOI window or pixel range, MONOCHROME1 inverted)",
     "resize": "bilinear to image_size x image_size (aspect ratio not kept)",
     "scale": "pixel / 255 -> [0, 1]",
     "jpeg_draft": "JPEG decoded at the smallest DCT scale not below image_size",
@@ -51,13 +52,50 @@ def _to_grayscale_u8(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
+def is_dicom(data: bytes) -> bool:
+    """DICOM Part 10 files carry ``DICM`` after a 128-byte preamble."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _dicom_to_u8(data: bytes) -> np.ndarray:
+    """A DICOM image -> 8-bit grayscale: modality LUT (rescale slope/intercept), the file's
+    VOI window when it has one (else the pixel range), MONOCHROME1 inverted."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        rows, cols = int(dataset.Rows), int(dataset.Columns)
+        if rows * cols > MAX_PIXELS:
+            raise ImageDecodeError(f"{cols}x{rows} pixels is over the {MAX_PIXELS:,} pixel limit")
+        pixels = dataset.pixel_array
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(f"not a readable DICOM image: {type(exc).__name__}: {exc}") from exc
+    if pixels.ndim != 2:
+        raise ImageDecodeError(f"DICOM pixel data of shape {pixels.shape}; expected one 2-D frame")
+    values = apply_modality_lut(pixels, dataset).astype(np.float64)
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        values = apply_voi_lut(values, dataset).astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    if getattr(dataset, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+        scaled = 1.0 - scaled  # MONOCHROME1: high values are dark
+    return np.round(scaled * 255.0).astype(np.uint8)
+
+
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Bytes of a JPEG or PNG -> ``(image_size, image_size)`` uint8 grayscale.
+    """Bytes of a JPEG, PNG or DICOM file -> ``(image_size, image_size)`` uint8 grayscale.
 
     Raises ImageDecodeError for empty, truncated, corrupt or absurdly large images.
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    if is_dicom(data):
+        gray = Image.fromarray(_dicom_to_u8(data))
+        resized = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.uint8)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -21,9 +21,11 @@ import ray
 import ray.train
 import torch
 import torch.nn.functional as F
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
+from torchvision.transforms import v2
 
 from pneumo_ray import stores
 from pneumo_ray.config import TrainConfig
@@ -76,6 +78,28 @@ def per_sample_loss(
     return loss, correct
 
 
+def train_step(
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor | None,
+    augment: v2.Transform | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch ``x`` (B, 1, S, S) in [0, 1]; returns per-image
+    (loss, correct), detached."""
+    if augment is not None:
+        x = augment_batch(x, augment)
+    if x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    loss, correct = per_sample_loss(name, model, x, y, weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.mean().backward()
+    optimizer.step()
+    return loss.detach(), correct
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -119,11 +143,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _collate(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+class ImageLabelCollate(NumpyBatchCollateFn):
     """The two columns training needs, as tensors (the URI strings stay behind)."""
-    return torch.from_numpy(np.ascontiguousarray(batch["image"])), torch.from_numpy(
-        batch["label_index"].astype(np.int64)
-    )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.from_numpy(np.array(batch["image"], copy=True))  # Ray's views are read-only
+        return image, torch.from_numpy(batch["label_index"].astype(np.int64))
 
 
 def train_loop_per_worker(loop: dict) -> None:
@@ -175,7 +200,7 @@ def train_loop_per_worker(loop: dict) -> None:
             batch_size=per_worker_batch,
             local_shuffle_buffer_size=SHUFFLE_BUFFER if shuffle else None,
             local_shuffle_seed=loop["seed"] + state["epoch"] if shuffle else None,
-            collate_fn=_collate,
+            collate_fn=ImageLabelCollate(),
         ):
             yield to_model_input(image).to(device), label_index.to(device)  # (B, 1, S, S), (B,)
 
@@ -191,12 +216,7 @@ def train_loop_per_worker(loop: dict) -> None:
             recent.append(prepare(x))
             while sum(len(r) for r in recent) - len(recent[0]) >= BN_CALIBRATION_IMAGES:
                 recent.popleft()
-            if augment is not None:
-                x = augment_batch(x, augment)
-            loss, correct = per_sample_loss(name, model, prepare(x), y, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.mean().backward()
-            optimizer.step()
+            loss, correct = train_step(name, model, optimizer, x, y, weights, augment)
             seen += len(y)
             loss_sum += float(loss.detach().sum())
             correct_sum += float(correct.sum())
