@@ -20,4 +20,4 @@ def init_ray(address: str | None = None) -> None:
     if target:
         ray.init(address=target)
     else:
-        ray.init(address="local", include_dashboard=False)
+        ray.init(address="local")

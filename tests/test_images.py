@@ -107,3 +107,42 @@ def test_augmentation_changes_images_independently_and_keeps_shape():
     out = augment_batch(x, train_augmentation())
     assert out.shape == x.shape
     assert not torch.equal(out[0], out[1])  # each image draws its own transform
+
+
+@pytest.mark.parametrize(
+    ("bits", "photometric", "slope", "intercept"),
+    [
+        (8, "MONOCHROME2", 1.0, 0.0),
+        (8, "MONOCHROME1", 1.0, 0.0),
+        (16, "MONOCHROME2", 2.0, -1024.0),
+        (16, "MONOCHROME1", 1.0, 0.0),
+    ],
+)
+def test_dicom_decodes_like_the_picture_it_holds(tmp_path, bits, photometric, slope, intercept):
+    from .dicom import write_dicom
+
+    source = next((CHEST_XRAY / "test" / "PNEUMONIA").glob("*.jpeg"))
+    gray = np.asarray(Image.open(source).convert("L"))
+    path = tmp_path / "x.dcm"
+    write_dicom(path, gray, bits=bits, photometric=photometric, slope=slope, intercept=intercept)
+    out = decode_image(path.read_bytes(), 64)
+    # The reference is the same picture stretched to its full range, as the DICOM path does.
+    stretched = (gray - gray.min()) / max(1, int(gray.max()) - int(gray.min())) * 255
+    reference = decode_image(_encode(Image.fromarray(stretched.astype(np.uint8)), "PNG"), 64)
+    assert np.abs(out.astype(int) - reference.astype(int)).mean() < 3  # MONOCHROME1 inverted
+
+
+def test_dicom_window_is_applied(tmp_path):
+    from .dicom import write_dicom
+
+    ramp = _gradient((64, 64))
+    path = tmp_path / "w.dcm"
+    write_dicom(path, ramp, bits=8, window=(128.0, 64.0))  # values < 96 black, > 160 white
+    out = decode_image(path.read_bytes(), 64)
+    assert out[:, :20].max() == 0 and out[:, -20:].min() == 255
+
+
+def test_corrupt_dicom_is_a_decode_error():
+    data = b"\0" * 128 + b"DICM" + b"\x02\x00garbage" * 10
+    with pytest.raises(ImageDecodeError, match="DICOM"):
+        decode_image(data, 32)

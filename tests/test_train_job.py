@@ -3,55 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
-import shutil
 
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from pneumo_ray.bundle import load_bundle
 from pneumo_ray.models import binary_cnn
 
-from .conftest import CHEST_XRAY, run_job
-
-SIZE = 64
-CORRUPT = "train/NORMAL/IM-9999-0001.jpeg"
-
-
-@pytest.fixture(scope="module")
-def subset_store(tmp_path_factory):
-    """40 training images per class and 120 test images, copied from ../shared, plus one
-    corrupt file among the good ones."""
-    root = tmp_path_factory.mktemp("subset")
-    rng = random.Random(0)
-    picks = {
-        ("train", "NORMAL", "IM-"): 40,
-        ("train", "PNEUMONIA", "bacteria"): 40,
-        ("train", "PNEUMONIA", "virus"): 40,
-        ("test", "NORMAL", "IM-"): 60,
-        ("test", "PNEUMONIA", "person"): 60,
-    }
-    for (split, folder, marker), count in picks.items():
-        files = sorted(p for p in (CHEST_XRAY / split / folder).glob("*.jpeg") if marker in p.name)
-        (root / split / folder).mkdir(parents=True, exist_ok=True)
-        for path in rng.sample(files, count):
-            shutil.copy(path, root / split / folder / path.name)
-    (root / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF truncated")
-    return root
-
-
-TRAIN_ARGS = ["--image-size", str(SIZE), "--epochs", "4", "--lr-binary", "1e-3", "--seed", "1"]
-
-
-@pytest.fixture(scope="module")
-def trained(subset_store, tmp_path_factory, job_env):
-    bundle = tmp_path_factory.mktemp("bundle") / "b"
-    result = run_job(
-        "train.py", "--data", str(subset_store), "--output", str(bundle), *TRAIN_ARGS, env=job_env
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return bundle, result.stdout + result.stderr
+from .conftest import CHEST_XRAY, CORRUPT, SIZE, TRAIN_ARGS, run_job
 
 
 def test_bundle_holds_every_file(trained):

@@ -1,0 +1,237 @@
+"""jobs/score.py: Ray Data batch scoring of image folders into committed Parquet runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pneumo_ray.score import OUTPUT_SCHEMA, committed_runs, read_scores, recover
+
+from .conftest import CHEST_XRAY, FULLRES, REPO, run_job
+from .dicom import write_dicom
+
+
+def score(bundle, inputs, output, env, *extra):
+    args = ["--model", str(bundle), "--output", str(output), *extra]
+    for uri in inputs:
+        args += ["--input", str(uri)]
+    result = run_job("score.py", *args, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+def copy_images(target, sources):
+    target.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        shutil.copy(source, target / source.name)
+    return target
+
+
+def check_rows(table, bundle):
+    """Schema and value checks on scored rows."""
+    card = json.loads((bundle / "card.json").read_text())
+    df = table.to_pandas()
+    assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+    ok = df[df["error"].isna()]
+    assert len(ok) and ok["p_pneumonia"].between(0, 1).all()
+    total = ok["p_normal"] + ok["p_bacterial"] + ok["p_viral"]
+    np.testing.assert_allclose(total, 1.0, rtol=1e-5)
+    threshold = card["models"]["binary"]["threshold"]
+    expected = np.where(ok["p_pneumonia"] >= threshold, "pneumonia", "normal")
+    assert (ok["pred_binary"] == expected).all()
+    argmax = ok[["p_normal", "p_bacterial", "p_viral"]].to_numpy().argmax(axis=1)
+    assert (ok["pred_class"] == np.array(["normal", "bacterial", "viral"])[argmax]).all()
+    reference = set(pq.read_table(bundle / "knn_reference.parquet").column("image_uri").to_pylist())
+    k = card["models"]["knn"]["k"]
+    for neighbours, distances in zip(ok["knn_neighbors"], ok["knn_distances"], strict=True):
+        assert len(neighbours) == k and set(neighbours) <= reference
+        assert len(distances) == k and np.all(np.diff(distances) >= 0)
+    assert set(ok["knn_label"]) <= {"normal", "bacterial", "viral"}
+    assert (ok["anomaly_score"] > 0).all()
+    assert (
+        ok["is_anomaly"] == (ok["anomaly_score"] > card["models"]["autoencoder"]["threshold"])
+    ).all()
+    assert (df["model_version"] == card["model_version"]).all()
+    assert df["scored_at"].notna().all()
+    return df
+
+
+def test_scores_a_folder_of_real_images(trained, tmp_path, job_env):
+    bundle, _ = trained
+    output = tmp_path / "scores"
+    log = score(bundle, [FULLRES], output, job_env)
+    table = read_scores(str(output))
+    df = check_rows(table, bundle)
+    expected = sorted(str(p) for p in FULLRES.rglob("*.jpeg"))
+    assert sorted(df["image_uri"]) == expected  # every image exactly once
+    assert df["error"].isna().all()
+    # Plain pandas on the output folder reads the same committed rows.
+    assert len(pd.read_parquet(output)) == len(expected)
+    assert f"images listed: {len(expected)}" in log and f"scored: {len(expected)}" in log
+    assert "images/s" in log and str(output) in log
+    # Pneumonia images get a higher p_pneumonia on average than normal ones.
+    is_pneumonia = df["image_uri"].str.contains("/PNEUMONIA/")
+    assert df[is_pneumonia]["p_pneumonia"].mean() > df[~is_pneumonia]["p_pneumonia"].mean()
+
+
+def _bad_files(folder):
+    good = next((CHEST_XRAY / "test" / "NORMAL").glob("*.jpeg")).read_bytes()
+    png = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(png, format="PNG")  # decompression bomb (tiny file)
+    files = {
+        "corrupt.jpeg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4,
+        "truncated.jpeg": good[: len(good) // 3],
+        "empty.png": b"",
+        "notes.jpg": b"radiologist notes: not an image\n",
+        "bomb.png": png.getvalue(),
+        "UPPER.JPEG": good,
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def test_bad_files_get_one_row_each_with_a_useful_error(trained, tmp_path, job_env):
+    bundle, _ = trained
+    folder = copy_images(tmp_path / "mixed", sorted((CHEST_XRAY / "test" / "NORMAL").glob("*"))[:5])
+    _bad_files(folder)
+    (folder / "README.txt").write_text("not scored: not an image suffix")
+    output = tmp_path / "scores"
+    log = score(bundle, [folder], output, job_env)
+    df = read_scores(str(output)).to_pandas().set_index("image_uri")
+    names = {uri.rsplit("/", 1)[1] for uri in df.index}
+    assert len(df) == 11 and "README.txt" not in names  # 5 good + 6 image-named files
+    errors = {uri.rsplit("/", 1)[1]: error for uri, error in df["error"].items()}
+    assert errors["empty.png"] == "empty file (0 bytes)"
+    assert "not a readable image" in errors["corrupt.jpeg"]
+    assert "not a readable image" in errors["notes.jpg"]
+    assert "truncated" in errors["truncated.jpeg"].lower() or "broken" in errors["truncated.jpeg"]
+    assert "decompression bomb" in errors["bomb.png"] or "pixel limit" in errors["bomb.png"]
+    assert pd.isna(errors["UPPER.JPEG"])  # any case of extension
+    bad = df[df["error"].notna()]
+    assert bad[["p_pneumonia", "anomaly_score", "pred_class", "knn_label"]].isna().all().all()
+    assert "failed (row with error): 5" in log
+
+
+def test_dicom_images_are_scored(trained, tmp_path, job_env):
+    bundle, _ = trained
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    sources = sorted((CHEST_XRAY / "test" / "PNEUMONIA").glob("*.jpeg"))[:4]
+    kinds = [(8, "MONOCHROME2"), (8, "MONOCHROME1"), (16, "MONOCHROME2"), (16, "MONOCHROME1")]
+    for source, (bits, photometric) in zip(sources, kinds, strict=True):
+        gray = np.asarray(Image.open(source).convert("L"))
+        write_dicom(folder / f"{source.stem}_{bits}_{photometric}.dcm", gray, bits, photometric)
+        # The same picture as PNG, stretched to the full range as a DICOM without a VOI
+        # window is: the DICOM must score like it.
+        low, high = int(gray.min()), int(gray.max())
+        stretched = np.round((gray - low) / (high - low) * 255).astype(np.uint8)
+        Image.fromarray(stretched).save(folder / f"{source.stem}_{bits}_{photometric}.png")
+    output = tmp_path / "scores"
+    score(bundle, [folder], output, job_env)
+    df = check_rows(read_scores(str(output)), bundle).set_index("image_uri")
+    assert len(df) == 8 and df["error"].isna().all()
+    for dcm in (u for u in df.index if u.endswith(".dcm")):
+        png = dcm[: -len(".dcm")] + ".png"
+        assert abs(df.loc[dcm, "p_pneumonia"] - df.loc[png, "p_pneumonia"]) < 0.1
+
+
+def test_incremental_rerun_scores_only_new_images(trained, tmp_path, job_env):
+    bundle, _ = trained
+    images = sorted((CHEST_XRAY / "test" / "PNEUMONIA").glob("*.jpeg"))
+    folder = copy_images(tmp_path / "store", images[:6])
+    output = tmp_path / "scores"
+    score(bundle, [folder], output, job_env)
+    copy_images(folder, images[6:9])
+    log = score(bundle, [folder], output, job_env)
+    assert "already scored (skipped): 6" in log and "scored: 3" in log
+    assert len(committed_runs(str(output))) == 2
+    df = read_scores(str(output)).to_pandas()
+    assert sorted(df["image_uri"]) == sorted(str(folder / p.name) for p in images[:9])
+    log = score(bundle, [folder], output, job_env)  # nothing new
+    assert "nothing new to score" in log and len(committed_runs(str(output))) == 2
+    log = score(bundle, [folder], output, job_env, "--rescore")
+    assert "scored: 9" in log
+    latest = read_scores(str(output), latest=True).to_pandas()
+    assert len(latest) == 9 and latest["image_uri"].is_unique
+
+
+def test_manifest_input_and_missing_files(trained, tmp_path, job_env):
+    bundle, _ = trained
+    images = sorted((CHEST_XRAY / "test" / "NORMAL").glob("*.jpeg"))[:3]
+    manifest = tmp_path / "manifest.txt"
+    missing = tmp_path / "gone.jpeg"
+    manifest.write_text("image_uri\n" + "\n".join(str(p) for p in [*images, missing]) + "\n")
+    output = tmp_path / "scores"
+    score(bundle, [manifest], output, job_env)
+    df = read_scores(str(output)).to_pandas().set_index("image_uri")
+    assert len(df) == 4
+    assert "no such file" in df.loc[str(missing), "error"]
+    assert df.drop(index=str(missing))["error"].isna().all()
+
+
+def test_a_killed_run_is_never_read_and_a_rerun_completes_it(trained, tmp_path, job_env):
+    bundle, _ = trained
+    sources = sorted(FULLRES.rglob("*.jpeg"))
+    folder = copy_images(tmp_path / "store", sources)
+    output = tmp_path / "scores"
+    args = [
+        "--model",
+        str(bundle),
+        "--input",
+        str(folder),
+        "--output",
+        str(output),
+        "--batch-size",
+        "4",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "score.py"), *args],
+        cwd=REPO,
+        env=job_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    staging = output / "_staging"
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(staging.rglob("*.parquet")):
+        time.sleep(0.05)
+    assert list(staging.rglob("*.parquet")), "the run never staged a file"
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and its embedded Ray
+    process.wait()
+
+    assert committed_runs(str(output)) == []
+    assert read_scores(str(output)).num_rows == 0
+    assert len(pd.read_parquet(output)) == 0  # plain readers see no staged rows either
+
+    log = score(bundle, [folder], output, job_env)
+    df = read_scores(str(output)).to_pandas()
+    assert sorted(df["image_uri"]) == sorted(str(folder / p.name) for p in sources)
+    assert f"scored: {len(sources)}" in log
+    assert not list(staging.rglob("*.parquet"))  # the killed run's staged files are gone
+
+
+def test_recover_finishes_a_commit_that_was_interrupted(tmp_path):
+    output = tmp_path / "scores"
+    staged = output / "_staging" / "r1"
+    staged.mkdir(parents=True)
+    pq.write_table(OUTPUT_SCHEMA.empty_table(), staged / "part-0.parquet")
+    (output / "_runs").mkdir()
+    (output / "_runs" / "r1.json").write_text(json.dumps({"run_id": "r1", "state": "committing"}))
+    (output / "_staging" / "r2").mkdir()  # a run killed while writing: no marker
+    recover(str(output))
+    assert committed_runs(str(output)) == ["r1"]
+    assert (output / "run=r1" / "part-0.parquet").is_file()
+    assert not (output / "_staging").exists()
