@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?=
 OUT ?= out/demo
-DEMO_FLAGS ?= --image-size 64 --epochs 3
+DEMO_FLAGS ?= --image-size 64 --epochs 5 --lr-binary 1e-3
 # torch/torchvision pinned to the releases this machine has on disk (pyproject caps them).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
@@ -25,8 +25,10 @@ demo: venv
 ifeq ($(DATA),)
 	$(PY) -m pneumo_ray.synthetic out/demo_store
 	$(PY) jobs/train.py --data out/demo_store --output $(OUT) $(DEMO_FLAGS)
+	$(PY) jobs/score.py --model $(OUT) --input out/demo_store --output $(OUT)_scores
 else
 	$(PY) jobs/train.py --data $(DATA) --output $(OUT) $(DEMO_FLAGS)
+	$(PY) jobs/score.py --model $(OUT) --input $(DATA)/test --output $(OUT)_scores
 endif
 
 test: venv

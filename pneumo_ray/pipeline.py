@@ -266,6 +266,7 @@ def run_training(config: TrainConfig) -> dict:
             "class_weights": weights,
             "imbalance": "inverse-frequency class weights in the binary and three-class losses",
             "scaling": vars(scaling),
+            "worker_nodes": {name: network.worker_nodes for name, network in trained.items()},
             "history": {name: network.history for name, network in trained.items()},
             "skipped_images": [{"image_uri": u, "error": e} for u, e in skipped],
         },

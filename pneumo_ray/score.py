@@ -61,6 +61,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("image_bytes", pa.int64()),
         ("image_mtime_ns", pa.int64()),
+        ("scored_on", pa.string()),  # Ray node id of the model actor: provenance
     ]
 )
 
@@ -258,6 +259,7 @@ class BundlePredictor:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.bundle = load_bundle(bundle_uri, self.device)
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = batch["error"]
@@ -277,6 +279,7 @@ class BundlePredictor:
         columns = {
             "image_uri": pa.array(batch["image_uri"].tolist(), pa.string()),
             "model_version": pa.array([self.bundle.model_version] * n, pa.string()),
+            "scored_on": pa.array([self.node] * n, pa.string()),
             "scored_at": pa.array([now] * n, OUTPUT_SCHEMA.field("scored_at").type),
             "error": pa.array([e or None for e in errors], pa.string()),
             "image_bytes": pa.array(batch["image_bytes"].tolist(), pa.int64()),
@@ -409,6 +412,7 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
             compute=ray.data.ActorPoolStrategy(size=plan.actors),
             num_cpus=0 if plan.use_gpu else 1,
             num_gpus=1 if plan.use_gpu else 0,
+            scheduling_strategy="SPREAD",  # one actor per node before two on one
         )
     )
     fs, staged_path = stores.resolve(staged)

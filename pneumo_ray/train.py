@@ -190,6 +190,13 @@ def train_loop_per_worker(loop: dict) -> None:
         if rank == 0:
             _progress(f"[{name}] resuming after epoch {state['epoch']} from {checkpoint.path}")
 
+    node = ray.get_runtime_context().get_node_id()
+    worker_nodes = [node]
+    if world > 1:
+        worker_nodes = [None] * world
+        torch.distributed.all_gather_object(worker_nodes, node)
+    state["worker_nodes"] = worker_nodes  # where this (possibly resumed) run trained
+
     augment = train_augmentation() if loop["augment"] else None
     per_worker_batch = max(1, loop["batch_size"] // world)
     train_shard = ray.train.get_dataset_shard("train")
@@ -274,6 +281,7 @@ class TrainedNetwork:
     state_dict: dict  # the weights of the best validation epoch
     history: list[dict]
     best_epoch: int
+    worker_nodes: list[str]  # Ray node id of each rank, in rank order
 
     def model(self, image_size: int) -> nn.Module:
         model = build_network(self.name, image_size)
@@ -295,8 +303,9 @@ class Scaling:
             num_workers=self.num_workers,
             use_gpu=self.use_gpu,
             resources_per_worker=resources,
-            # Several workers go to several nodes when one node cannot hold them all.
-            placement_strategy="PACK",
+            # GPU workers pack (fast links between GPUs of a node); CPU workers spread, each
+            # then gets a node's cores for its compute-bound share of DDP.
+            placement_strategy="PACK" if self.use_gpu else "SPREAD",
         )
 
 
@@ -373,7 +382,9 @@ def fit_network(
         raise RuntimeError(f"{network}: training reported no checkpoint")
     with result.checkpoint.as_directory() as directory:
         state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
-    return TrainedNetwork(network, state["best"], state["history"], state["best_epoch"])
+    return TrainedNetwork(
+        network, state["best"], state["history"], state["best_epoch"], state["worker_nodes"]
+    )
 
 
 def collect_outputs(

@@ -1,0 +1,349 @@
+"""Real Ray clusters on this machine: `ray start` + the Jobs CLI, several nodes, and faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pneumo_ray.bundle import load_bundle
+from pneumo_ray.score import read_scores
+
+from .conftest import CHEST_XRAY, REPO, run_job
+
+SMALL_TRAIN = ["--image-size", "32", "--epochs", "2", "--limit", "15", "--lr-binary", "1e-3"]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def head(job_env):
+    """`ray start --head --block` bound to 127.0.0.1 on free ports; stopped (SIGINT) even when
+    a test fails."""
+    port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="pr_", dir="/tmp")  # short: Ray's socket paths
+    env = dict(job_env)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the job's `python`
+    log = open(os.path.join(temp_dir, "head.log"), "w")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            # Free ports for the per-node services too: an embedded Ray elsewhere on this
+            # machine (the test session's own) may hold the default ones.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        # A shell that runs us in the background ignores SIGINT, and children inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    client_env = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
+
+    def ready():
+        probe = subprocess.run(
+            [RAY, "job", "list", "--address", address],
+            env=client_env,
+            capture_output=True,
+            text=True,
+        )
+        return probe.returncode == 0
+
+    try:
+        wait_for(ready, 120, "the head's Jobs API", interval=1.0)
+        yield {"address": address, "env": client_env, "gcs": f"127.0.0.1:{port}"}
+    finally:
+        process.send_signal(signal.SIGINT)  # `ray start --block` stops on SIGINT
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def submit(head, submission_id: str, *entrypoint: str) -> str:
+    command = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        head["address"],
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        *entrypoint,
+    ]
+    deadline = time.time() + 120
+    while True:
+        result = subprocess.run(
+            command, env=head["env"], capture_output=True, text=True, timeout=900, cwd=REPO
+        )
+        # A fresh head answers the Jobs API before its dashboard agent takes submissions.
+        if "No available agent" not in result.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    status = subprocess.run(
+        [RAY, "job", "status", "--address", head["address"], submission_id],
+        env=head["env"],
+        capture_output=True,
+        text=True,
+    )
+    assert f"Job '{submission_id}' succeeded" in status.stdout, status.stdout + status.stderr
+    return result.stdout
+
+
+def test_jobs_submitted_to_a_local_cluster(head, subset_store, tmp_path):
+    bundle, scores = tmp_path / "bundle", tmp_path / "scores"
+    log = submit(
+        head,
+        f"train-{time.time_ns()}",
+        "jobs/train.py",
+        "--data",
+        str(subset_store),
+        "--output",
+        str(bundle),
+        *SMALL_TRAIN,
+    )
+    assert "bundle pneumo-" in log
+    load_bundle(str(bundle))
+    log = submit(
+        head,
+        f"score-{time.time_ns()}",
+        "jobs/score.py",
+        "--model",
+        str(bundle),
+        "--input",
+        str(subset_store / "test"),
+        "--output",
+        str(scores),
+    )
+    table = read_scores(str(scores))
+    assert table.num_rows == 120 and "scored: 120" in log
+
+
+def test_the_local_cluster_refuses_clients_without_its_token(head):
+    env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = "not-the-cluster-token"
+    probe = subprocess.run(
+        [RAY, "job", "list", "--address", head["address"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.returncode != 0
+    assert "token authentication is enabled" in probe.stderr, probe.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head and a second node on this machine, 2 CPUs each."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 2, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def test_training_and_scoring_spread_over_two_nodes(two_nodes, subset_store, tmp_path, job_env):
+    bundle, scores = tmp_path / "bundle", tmp_path / "scores"
+    address = ["--address", two_nodes.address]
+    result = run_job(
+        "train.py",
+        "--data",
+        str(subset_store),
+        "--output",
+        str(bundle),
+        *SMALL_TRAIN,
+        "--num-workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        *address,
+        env=job_env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    card = json.loads((bundle / "card.json").read_text())
+    for network, nodes in card["training"]["worker_nodes"].items():
+        assert len(nodes) == 2 and len(set(nodes)) == 2, (network, nodes)
+    result = run_job(
+        "score.py",
+        "--model",
+        str(bundle),
+        "--input",
+        str(CHEST_XRAY / "test" / "NORMAL"),  # enough batches to keep both actors busy
+        "--output",
+        str(scores),
+        "--num-workers",
+        "2",
+        "--batch-size",
+        "4",
+        *address,
+        env=job_env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    df = read_scores(str(scores)).to_pandas()
+    assert len(df) == 231 and df["image_uri"].is_unique and df["error"].isna().all()
+    assert df["scored_on"].nunique() == 2  # both nodes ran a model actor
+
+
+def _kill_when(match: str, ready, timeout: float = 300) -> int:
+    """Wait until ``ready()``, then SIGKILL the first process whose command line has ``match``."""
+    wait_for(ready, timeout, f"the moment to kill {match}")
+    victims = [
+        p
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if match in " ".join(p.info["cmdline"] or [])
+    ]
+    assert victims, f"no process matching {match}"
+    victims[0].kill()
+    return victims[0].pid
+
+
+def _registered_checkpoint(storage: Path) -> bool:
+    for snapshot in storage.glob("binary-*/checkpoint_manager_snapshot.json"):
+        try:
+            return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+        except json.JSONDecodeError:  # being written
+            return False
+    return False
+
+
+def test_training_survives_a_killed_worker(subset_store, tmp_path, job_env):
+    bundle = tmp_path / "bundle"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "train.py"),
+            "--data",
+            str(subset_store),
+            "--output",
+            str(bundle),
+            "--image-size",
+            "128",
+            "--epochs",
+            "4",
+            "--limit",
+            "40",
+            "--max-failures",
+            "2",
+        ],
+        cwd=REPO,
+        env=job_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _kill_when(
+            # Once Ray Train has registered a checkpoint (its snapshot names it): a report the
+            # controller has not collected yet dies with the worker.
+            "RayTrainWorker",
+            lambda: _registered_checkpoint(bundle / "checkpoints"),
+        )
+        output, _ = process.communicate(timeout=900)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-4000:]
+    assert "resuming after epoch" in output, "\n".join(
+        line[:300] for line in output.splitlines() if "rror" in line or "epoch" in line
+    )
+    card = json.loads((bundle / "card.json").read_text())
+    assert [row["epoch"] for row in card["training"]["history"]["binary"]] == [1, 2, 3, 4]
+    load_bundle(str(bundle))
+
+
+def test_scoring_survives_a_killed_model_actor(trained, tmp_path, job_env):
+    bundle, _ = trained
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sources = sorted((CHEST_XRAY / "test" / "PNEUMONIA").glob("*.jpeg"))[:160]
+    for source in sources:
+        (folder / source.name).symlink_to(source)
+    scores = tmp_path / "scores"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "score.py"),
+            "--model",
+            str(bundle),
+            "--input",
+            str(folder),
+            "--output",
+            str(scores),
+            "--batch-size",
+            "4",
+        ],
+        cwd=REPO,
+        env=job_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _kill_when("BundlePredictor", lambda: list((scores / "_staging").rglob("*.parquet")))
+        output, _ = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-4000:]
+    df = read_scores(str(scores)).to_pandas()
+    assert sorted(df["image_uri"]) == sorted(str(folder / s.name) for s in sources)
+    assert df["error"].isna().all()

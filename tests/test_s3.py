@@ -1,0 +1,129 @@
+"""Both jobs against a real S3-protocol server (moto's standalone server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from pneumo_ray import stores
+from pneumo_ray.bundle import load_bundle
+from pneumo_ray.score import read_scores
+
+from .conftest import run_job
+from .test_cluster import SMALL_TRAIN, free_port, wait_for
+
+BUCKET = "xrays"
+SECRET = "s3cr3t-key-THAT-MUST-NOT-LEAK"
+ACCESS = "AKIAPNEUMORAYTEST"
+
+
+@pytest.fixture(scope="module")
+def s3_env(job_env, tmp_path_factory):
+    """A moto S3 server on a free loopback port, and the environment that points at it."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        **job_env,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": ACCESS,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {key: os.environ.get(key) for key in env if key.startswith("AWS_")}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    stores._filesystem_for.cache_clear()
+    try:
+        fs = pafs.S3FileSystem(
+            endpoint_override=f"127.0.0.1:{port}",
+            scheme="http",
+            access_key=ACCESS,
+            secret_key=SECRET,
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
+        wait_for(lambda: _try_create_bucket(fs), 60, "the moto server", interval=0.2)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        stores._filesystem_for.cache_clear()
+
+
+def _try_create_bucket(fs) -> bool:
+    try:
+        fs.create_dir(BUCKET)
+        return True
+    except OSError:
+        return False
+
+
+def test_train_and_score_with_images_bundles_and_parquet_in_s3(s3_env, subset_store, tmp_path):
+    store = f"s3://{BUCKET}/chest_xray"
+    stores.upload_dir(str(subset_store), store)
+    assert len(stores.list_files(store)) == 241
+    bundle, scores = f"s3://{BUCKET}/bundles/b1", f"s3://{BUCKET}/scores"
+
+    train = run_job("train.py", "--data", store, "--output", bundle, *SMALL_TRAIN, env=s3_env)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-4000:]
+    loaded = load_bundle(bundle)  # sha256 of every file checked, read through S3
+    assert loaded.card["data_fingerprint"]["store"] == store
+    assert stores.exists(f"{bundle}/report/metrics.json")
+    assert any("/checkpoints/binary-" in e.uri for e in stores.list_files(bundle))
+    neighbours = loaded.knn.uris
+    assert all(uri.startswith(f"s3://{BUCKET}/chest_xray/train/") for uri in neighbours)
+
+    score = run_job(
+        "score.py", "--model", bundle, "--input", f"{store}/test", "--output", scores, env=s3_env
+    )
+    assert score.returncode == 0, score.stdout[-3000:] + score.stderr[-4000:]
+    df = read_scores(scores).to_pandas()
+    assert len(df) == 120 and df["image_uri"].is_unique and df["error"].isna().all()
+    assert df["image_uri"].str.startswith(f"s3://{BUCKET}/chest_xray/test/").all()
+    again = run_job(
+        "score.py", "--model", bundle, "--input", f"{store}/test", "--output", scores, env=s3_env
+    )
+    assert "already scored (skipped): 120" in again.stdout
+
+    # Credentials appear nowhere: logs, card, report, Parquet, run markers.
+    texts = [train.stdout, train.stderr, score.stdout, score.stderr]
+    local = tmp_path / "copy"
+    stores.download_dir(bundle, str(local / "bundle"))
+    stores.download_dir(scores, str(local / "scores"))
+    for path in local.rglob("*"):
+        if path.is_file() and "checkpoints" not in path.parts:
+            texts.append(path.read_bytes().decode("latin-1"))
+    for text in texts:
+        assert SECRET not in text and ACCESS not in text
+    shutil.rmtree(local)
+
+
+def test_missing_s3_store_is_a_clear_error(s3_env, tmp_path):
+    result = run_job(
+        "train.py",
+        "--data",
+        f"s3://{BUCKET}/nothing-here",
+        "--output",
+        str(tmp_path / "b"),
+        env=s3_env,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "image store not found" in result.stderr
+    card = json.dumps(result.stderr)
+    assert SECRET not in card
