@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import v2
+
+# torch is imported inside the functions that need it: the decode tasks of Ray Data import
+# this module, and without torch each of their worker processes is about 0.8 GB smaller.
 
 # A real chest X-ray is at most a few thousand pixels a side; far beyond that it is a
 # decompression bomb or not an X-ray at all.
@@ -126,6 +132,8 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
 
 def to_model_input(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``(B, H, W)`` -> float32 ``(B, 1, H, W)`` in [0, 1]."""
+    import torch
+
     if isinstance(batch, np.ndarray) and not batch.flags.writeable:
         batch = batch.copy()  # Ray hands out read-only views; torch wants to own writable memory
     tensor = torch.as_tensor(batch)
@@ -134,6 +142,8 @@ def to_model_input(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def train_augmentation() -> v2.Transform:
     """The design's augmentation: rotation, shifts, shear, zoom, horizontal flip."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=8),
@@ -144,4 +154,6 @@ def train_augmentation() -> v2.Transform:
 
 def augment_batch(images: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
     """Apply ``transform`` to each image of a ``(B, 1, H, W)`` batch with its own randomness."""
+    import torch
+
     return torch.stack([transform(image) for image in images])
