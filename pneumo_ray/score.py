@@ -41,6 +41,7 @@ STAGING = "_staging"
 RUNS = "_runs"
 DECODE_BATCH = 32
 DECODE_CPUS = 0.5
+ACTOR_START_TIMEOUT_S = 1800
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -260,6 +261,9 @@ class BundlePredictor:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.bundle = load_bundle(bundle_uri, self.device)
         self.node = ray.get_runtime_context().get_node_id()
+        print(
+            f"[pneumo_ray.score] model actor ready on node {self.node} ({self.device})", flush=True
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = batch["error"]
@@ -415,6 +419,9 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
             scheduling_strategy="SPREAD",  # one actor per node before two on one
         )
     )
+    # Start scoring once every model actor has its bundle loaded, so the work spreads over all
+    # of them (and nodes); generous, since an autoscaler may first have to start GPU nodes.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     fs, staged_path = stores.resolve(staged)
     dataset.write_parquet(staged_path, filesystem=fs)
     summary.seconds = time.perf_counter() - started
