@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv
 ifeq ($(DATA),)
-	$(PY) -m pneumo_ray.synthetic out/demo_store
+	test -f out/demo_store/SYNTHETIC.txt || $(PY) -m pneumo_ray.synthetic out/demo_store
 	$(PY) jobs/train.py --data out/demo_store --output $(OUT) $(DEMO_FLAGS)
 	$(PY) jobs/score.py --model $(OUT) --input out/demo_store --output $(OUT)_scores
 else
