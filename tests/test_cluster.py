@@ -271,44 +271,56 @@ def _registered_checkpoint(storage: Path) -> bool:
     return False
 
 
+def _run_job_and_kill(script: str, args: list[str], env, log: Path, match: str, ready) -> str:
+    """Run ``jobs/<script>``; once ``ready()``, SIGKILL a process matching ``match``; return the
+    job's output after it ends (it must succeed). Output goes to a file: a pipe nobody reads
+    while we wait could fill and stall the job."""
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "jobs" / script), *args],
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            _kill_when(match, ready)
+            process.wait(timeout=900)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
 def test_training_survives_a_killed_worker(subset_store, tmp_path, job_env):
     bundle = tmp_path / "bundle"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "train.py"),
-            "--data",
-            str(subset_store),
-            "--output",
-            str(bundle),
-            "--image-size",
-            "128",
-            "--epochs",
-            "4",
-            "--limit",
-            "40",
-            "--max-failures",
-            "2",
-        ],
-        cwd=REPO,
-        env=job_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    args = [
+        "--data",
+        str(subset_store),
+        "--output",
+        str(bundle),
+        "--image-size",
+        "128",
+        "--epochs",
+        "4",
+        "--limit",
+        "40",
+        "--max-failures",
+        "2",
+    ]
+    # Kill once Ray Train has registered a checkpoint (its snapshot names it): a report the
+    # controller has not collected yet dies with the worker.
+    output = _run_job_and_kill(
+        "train.py",
+        args,
+        job_env,
+        tmp_path / "train.log",
+        "RayTrainWorker",
+        lambda: _registered_checkpoint(bundle / "checkpoints"),
     )
-    try:
-        _kill_when(
-            # Once Ray Train has registered a checkpoint (its snapshot names it): a report the
-            # controller has not collected yet dies with the worker.
-            "RayTrainWorker",
-            lambda: _registered_checkpoint(bundle / "checkpoints"),
-        )
-        output, _ = process.communicate(timeout=900)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, output[-4000:]
     assert "resuming after epoch" in output, "\n".join(
         line[:300] for line in output.splitlines() if "rror" in line or "epoch" in line
     )
@@ -325,33 +337,24 @@ def test_scoring_survives_a_killed_model_actor(trained, tmp_path, job_env):
     for source in sources:
         (folder / source.name).symlink_to(source)
     scores = tmp_path / "scores"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "score.py"),
-            "--model",
-            str(bundle),
-            "--input",
-            str(folder),
-            "--output",
-            str(scores),
-            "--batch-size",
-            "4",
-        ],
-        cwd=REPO,
-        env=job_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    args = [
+        "--model",
+        str(bundle),
+        "--input",
+        str(folder),
+        "--output",
+        str(scores),
+        "--batch-size",
+        "4",
+    ]
+    _run_job_and_kill(
+        "score.py",
+        args,
+        job_env,
+        tmp_path / "score.log",
+        "BundlePredictor",
+        lambda: list((scores / "_staging").rglob("*.parquet")),
     )
-    try:
-        _kill_when("BundlePredictor", lambda: list((scores / "_staging").rglob("*.parquet")))
-        output, _ = process.communicate(timeout=600)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, output[-4000:]
     df = read_scores(str(scores)).to_pandas()
     assert sorted(df["image_uri"]) == sorted(str(folder / s.name) for s in sources)
     assert df["error"].isna().all()
