@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 from pneumo_ray import stores
 from pneumo_ray.config import TrainConfig
 from pneumo_ray.images import augment_batch, to_model_input, train_augmentation
-from pneumo_ray.models import ConvAutoencoder, binary_cnn, multiclass_cnn
+from pneumo_ray.models import ConvAutoencoder, binary_cnn, multiclass_cnn, reconstruction_error
 
 NETWORKS = ("binary", "multiclass", "autoencoder")
 STATE_FILE = "state.pt"
@@ -62,7 +62,7 @@ def per_sample_loss(
     ``y`` is the three-class index; the binary network learns ``y > 0`` (pneumonia).
     """
     if name == "autoencoder":
-        loss = (model(x) - x).pow(2).mean(dim=(1, 2, 3))
+        loss = reconstruction_error(model, x)
         return loss, torch.zeros_like(loss, dtype=torch.bool)
     logits = model(x)
     if name == "binary":
@@ -412,7 +412,7 @@ def collect_outputs(
                 out["probs"], out["embedding"] = probs.numpy(), embedding.numpy()
             if "autoencoder" in models:
                 ae = models["autoencoder"]
-                out["ae_mse"] = (ae(x) - x).pow(2).mean(dim=(1, 2, 3)).numpy()
+                out["ae_mse"] = reconstruction_error(ae, x).numpy()
             for key, value in out.items():
                 columns.setdefault(key, []).append(value)
     return {key: np.concatenate(parts) for key, parts in columns.items()}
