@@ -10,7 +10,7 @@ DEMO_FLAGS ?= --image-size 64 --epochs 5 --lr-binary 1e-3
 # torch/torchvision pinned to the releases this machine has on disk (pyproject caps them).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint format venv clean
+.PHONY: demo test quality lint format venv clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,12 @@ else
 	$(PY) jobs/train.py --data $(DATA) --output $(OUT) $(DEMO_FLAGS)
 	$(PY) jobs/score.py --model $(OUT) --input $(DATA)/test --output $(OUT)_scores
 endif
+
+# Issue 5's quality run: the cpu-hour profile on the shared Kermany images, then the test-split
+# evaluation with bootstrap CIs, printed against the targets (about an hour on 2 cores).
+QUALITY_DATA ?= ../shared/data/chest_xray
+quality: venv
+	$(PY) jobs/quality.py --data $(QUALITY_DATA) --output out/quality
 
 test: venv
 	$(PY) -m ruff check pneumo_ray jobs tests

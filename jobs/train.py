@@ -40,6 +40,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-multiclass", type=float, default=None, help="default 1e-3")
     parser.add_argument("--lr-autoencoder", type=float, default=None, help="default 1e-3")
     parser.add_argument(
+        "--multiclass-patience",
+        type=int,
+        default=None,
+        help="three-class early stopping: epochs without val-loss gain (default 3; 0 = off)",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        default=None,
+        choices=["constant", "cosine"],
+        help="per-epoch learning rate of every network (default constant: the design's)",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="AdamW weight decay of the two CNNs (default 0: the design's Adam)",
+    )
+    parser.add_argument(
         "--limit", type=int, default=None, help="at most N training images per class (smoke runs)"
     )
     parser.add_argument("--val-fraction", type=float, default=0.15)
@@ -59,6 +77,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--knn-k", type=int, default=5)
     parser.add_argument("--knn-features", default="auto", choices=["auto", "softmax", "embedding"])
     parser.add_argument("--anomaly-percentile", type=float, default=95.0)
+    parser.add_argument(
+        "--anomaly-score",
+        default="auto",
+        choices=["auto", "latent", "mse"],
+        help="autoencoder anomaly score (auto: the higher validation AUC)",
+    )
+    parser.add_argument("--anomaly-k", type=int, default=5)
+    parser.add_argument(
+        "--binary-threshold",
+        default="sensitivity",
+        choices=["sensitivity", "youden"],
+        help="how the binary threshold is chosen on validation",
+    )
+    parser.add_argument("--target-sensitivity", type=float, default=0.95)
     parser.add_argument(
         "--address",
         default=None,
@@ -85,9 +117,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         knn_k=args.knn_k,
         knn_features=args.knn_features,
         anomaly_percentile=args.anomaly_percentile,
+        anomaly_score=args.anomaly_score,
+        anomaly_k=args.anomaly_k,
+        binary_threshold=args.binary_threshold,
+        target_sensitivity=args.target_sensitivity,
     )
     for name in ("binary", "multiclass", "autoencoder"):
         network = config.network(name)
+        if name == "multiclass" and args.multiclass_patience is not None:
+            network.early_stopping_patience = args.multiclass_patience or None
+        if args.lr_schedule is not None:
+            network.lr_schedule = args.lr_schedule
+        if args.weight_decay is not None and name != "autoencoder":
+            network.weight_decay = args.weight_decay
         if getattr(args, f"{name}_epochs") is not None:
             network.epochs = getattr(args, f"{name}_epochs")
         if getattr(args, f"lr_{name}") is not None:

@@ -8,6 +8,8 @@ A bundle is a folder (local or ``s3://``) holding::
     multiclass.pt
     autoencoder.pt
     knn_reference.parquet   KNN reference set: image_uri, label, feature (no pickle)
+    normal_reference.parquet  the autoencoder's latent codes of normal training images, for the
+                            ``latent`` anomaly score (image_uri, feature; no pickle)
     report/                 metrics.json and PNG plots
 
 Loading runs no code from the bundle: weights load with ``weights_only=True``, the KNN is
@@ -32,7 +34,7 @@ from pneumo_ray import stores
 from pneumo_ray.images import to_model_input
 from pneumo_ray.labels import BINARY_LABELS, CLASS_LABELS
 from pneumo_ray.models import ChestCNN, ConvAutoencoder, KnnReference, binary_cnn, multiclass_cnn
-from pneumo_ray.models.autoencoder import reconstruction_error
+from pneumo_ray.models.anomaly import NormalReference, autoencoder_outputs
 from pneumo_ray.models.knn import multiclass_outputs, select_features
 
 BUNDLE_FORMAT = "pneumo_ray.bundle/1"
@@ -43,6 +45,7 @@ WEIGHT_FILES = {
     "autoencoder": "autoencoder.pt",
 }
 KNN_FILE = "knn_reference.parquet"
+NORMAL_REFERENCE_FILE = "normal_reference.parquet"
 REPORT_DIR = "report"
 
 
@@ -83,6 +86,7 @@ class Bundle:
     multiclass: ChestCNN
     autoencoder: ConvAutoencoder
     knn: KnnReference
+    normal_reference: NormalReference | None = None  # needed by the ``latent`` anomaly score
 
     @property
     def image_size(self) -> int:
@@ -95,6 +99,10 @@ class Bundle:
     @property
     def binary_threshold(self) -> float:
         return float(self.card["models"]["binary"]["threshold"])
+
+    @property
+    def anomaly_score_kind(self) -> str:
+        return str(self.card["models"]["autoencoder"]["score"])
 
     @property
     def anomaly_threshold(self) -> float:
@@ -121,7 +129,12 @@ class Bundle:
         p_pneumonia = torch.sigmoid(self.binary(x)).float().cpu().numpy()
         probs, embedding = multiclass_outputs(self.multiclass, x)
         probs, embedding = probs.float().cpu().numpy(), embedding.float().cpu().numpy()
-        anomaly = reconstruction_error(self.autoencoder, x).float().cpu().numpy()
+        mse, code = autoencoder_outputs(self.autoencoder, x)
+        mse = mse.float().cpu().numpy()
+        if self.anomaly_score_kind == "latent":
+            anomaly = self.normal_reference.score(code.float().cpu().numpy())
+        else:
+            anomaly = mse
         knn_features = select_features(probs, embedding, self.knn.feature_kind)
         neighbour_uris, distances = self.knn.neighbours(knn_features)
         return {
@@ -136,6 +149,7 @@ class Bundle:
             "knn_distances": distances,
             "anomaly_score": anomaly.astype(np.float32),
             "is_anomaly": anomaly > self.anomaly_threshold,
+            "reconstruction_mse": mse.astype(np.float32),
         }
 
 
@@ -161,6 +175,11 @@ def write_bundle(bundle: Bundle, uri: str, report_dir: str | None = None) -> dic
         pq.write_table(bundle.knn.to_table(), knn_path)
         with open(knn_path, "rb") as handle:
             payloads[KNN_FILE] = handle.read()
+        if bundle.normal_reference is not None:
+            reference_path = os.path.join(scratch, NORMAL_REFERENCE_FILE)
+            pq.write_table(bundle.normal_reference.to_table(), reference_path)
+            with open(reference_path, "rb") as handle:
+                payloads[NORMAL_REFERENCE_FILE] = handle.read()
     files = {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in payloads.items()}
     combined = sha256("".join(files[name]["sha256"] for name in sorted(files)).encode())
     card = {
@@ -221,4 +240,10 @@ def load_bundle(uri: str, device: torch.device | str = "cpu") -> Bundle:
         if torch.device(device).type == "cpu":
             model.to(memory_format=torch.channels_last)
     knn = KnnReference.from_table(pq.read_table(io.BytesIO(_verified(uri, KNN_FILE, card))))
-    return Bundle(card, knn=knn, **models).to(device)
+    reference = None
+    if NORMAL_REFERENCE_FILE in card["files"]:
+        table = pq.read_table(io.BytesIO(_verified(uri, NORMAL_REFERENCE_FILE, card)))
+        reference = NormalReference.from_table(table)
+    if card["models"]["autoencoder"]["score"] == "latent" and reference is None:
+        raise BundleError(f"{uri}: the latent anomaly score needs {NORMAL_REFERENCE_FILE}")
+    return Bundle(card, knn=knn, normal_reference=reference, **models).to(device)

@@ -7,7 +7,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from pneumo_ray.models.anomaly import ANOMALY_SCORES
 from pneumo_ray.models.knn import FEATURE_KINDS
+
+BINARY_THRESHOLD_RULES = ("sensitivity", "youden")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -21,6 +25,8 @@ class NetworkConfig:
     epochs: int
     lr: float
     early_stopping_patience: int | None = None  # epochs without val-loss gain; None = off
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 is the design's plain Adam
+    lr_schedule: str = "constant"  # per epoch: constant (the design's) or cosine decay to 0
 
 
 @dataclass
@@ -66,6 +72,18 @@ class TrainConfig:
     anomaly_percentile: float = 95.0
     """Anomaly threshold: this percentile of normal validation images' scores
     (--anomaly-percentile)."""
+    anomaly_score: str = "auto"
+    """The autoencoder's anomaly score: latent, mse, or auto (higher validation AUC)
+    (--anomaly-score)."""
+    anomaly_k: int = 5
+    """Normal reference images the latent anomaly score averages its distance over
+    (--anomaly-k)."""
+    binary_threshold: str = "sensitivity"
+    """How the binary threshold is chosen on validation: ``sensitivity`` (the highest threshold
+    reaching --target-sensitivity) or ``youden`` (max sensitivity + specificity)
+    (--binary-threshold)."""
+    target_sensitivity: float = 0.95
+    """Validation sensitivity the binary threshold must reach (--target-sensitivity)."""
 
     def __post_init__(self) -> None:
         if self.image_size < 32 or self.image_size % 16:
@@ -79,6 +97,13 @@ class TrainConfig:
                 raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
             for network in (self.binary, self.multiclass, self.autoencoder):
                 network.epochs = self.epochs
+        for network in (self.binary, self.multiclass, self.autoencoder):
+            if network.lr_schedule not in LR_SCHEDULES:
+                raise ConfigError(
+                    f"--lr-schedule must be constant or cosine; got {network.lr_schedule!r}"
+                )
+            if network.weight_decay < 0:
+                raise ConfigError(f"--weight-decay must be 0 or more, got {network.weight_decay}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -96,6 +121,21 @@ class TrainConfig:
         if not 50.0 <= self.anomaly_percentile < 100.0:
             raise ConfigError(
                 f"--anomaly-percentile must be in [50, 100), got {self.anomaly_percentile}"
+            )
+
+        if self.anomaly_score not in ("auto", *ANOMALY_SCORES):
+            raise ConfigError(
+                f"--anomaly-score must be auto, latent or mse; got {self.anomaly_score!r}"
+            )
+        if self.anomaly_k < 1:
+            raise ConfigError(f"--anomaly-k must be at least 1, got {self.anomaly_k}")
+        if self.binary_threshold not in BINARY_THRESHOLD_RULES:
+            raise ConfigError(
+                f"--binary-threshold must be sensitivity or youden; got {self.binary_threshold!r}"
+            )
+        if not 0.5 <= self.target_sensitivity <= 1.0:
+            raise ConfigError(
+                f"--target-sensitivity must be in [0.5, 1], got {self.target_sensitivity}"
             )
 
     def network(self, name: str) -> NetworkConfig:

@@ -114,7 +114,9 @@ def split_by_patient(
     by_label: dict[str, list[str]] = {}
     for pid in sorted(by_patient):
         labels = [image.label for image in by_patient[pid]]
-        by_label.setdefault(max(set(labels), key=labels.count), []).append(pid)
+        # sorted(): ties (one bacterial, one viral image) must not depend on str hashing.
+        majority = max(sorted(set(labels)), key=labels.count)
+        by_label.setdefault(majority, []).append(pid)
     rng = random.Random(seed)
     val_patients: set[str] = set()
     for label in sorted(by_label):

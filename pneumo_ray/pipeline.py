@@ -2,120 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
-import ray
 import torch
+from sklearn.metrics import roc_auc_score
 
 from pneumo_ray import data, report
-from pneumo_ray.bundle import Bundle, write_bundle
+from pneumo_ray.bundle import NORMAL_REFERENCE_FILE, Bundle, write_bundle
 from pneumo_ray.config import TrainConfig
-from pneumo_ray.images import PREPROCESSING, to_model_input
+from pneumo_ray.evaluation import evaluate_bundle, results_table, write_report
+from pneumo_ray.images import PREPROCESSING
 from pneumo_ray.labels import BINARY_LABELS, CLASS_LABELS, limit_per_class, split_by_patient
 from pneumo_ray.models import KnnReference
+from pneumo_ray.models.anomaly import ANOMALY_SCORES, SCORE_DESCRIPTIONS, NormalReference
 from pneumo_ray.models.knn import FEATURE_KINDS, select_features
 from pneumo_ray.train import class_weights, collect_outputs, decide_scaling, fit_network
 
 
 def log(message: str) -> None:
     print(f"[pneumo_ray] {message}", flush=True)
-
-
-@dataclass
-class Evaluation:
-    metrics: dict  # model name -> classification metrics
-    predictions: dict[str, np.ndarray]  # the bundle's output columns plus image_uri, label
-
-
-def evaluate_bundle(bundle: Bundle, dataset: ray.data.Dataset, batch_size: int = 128) -> Evaluation:
-    """Score a decoded, labelled dataset with all four models and compute their metrics."""
-    columns: dict[str, list] = {}
-    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        out = bundle.predict(batch["image"])
-        out["image_uri"] = batch["image_uri"]
-        out["label"] = np.asarray(CLASS_LABELS)[batch["label_index"]]
-        for key, value in out.items():
-            columns.setdefault(key, []).append(value)
-    p = {key: np.concatenate(parts) for key, parts in columns.items()}
-    truth_binary = np.where(p["label"] == "normal", *BINARY_LABELS)
-    anomaly_pred = np.where(p["is_anomaly"], *BINARY_LABELS[::-1])
-    probs = np.stack([p["p_normal"], p["p_bacterial"], p["p_viral"]], axis=1)
-    metrics = {
-        "binary": report.classification_metrics(
-            truth_binary, p["pred_binary"], BINARY_LABELS, p["p_pneumonia"]
-        ),
-        "multiclass": report.classification_metrics(
-            p["label"], p["pred_class"], CLASS_LABELS, probs
-        ),
-        "knn": report.classification_metrics(p["label"], p["knn_label"], CLASS_LABELS, None),
-        "autoencoder": report.classification_metrics(
-            truth_binary, anomaly_pred, BINARY_LABELS, p["anomaly_score"]
-        ),
-    }
-    return Evaluation(metrics, p)
-
-
-def write_report(
-    evaluation: Evaluation,
-    bundle: Bundle,
-    dataset: ray.data.Dataset,
-    directory: str,
-    histories: dict[str, list[dict]] | None = None,
-    extra: dict | None = None,
-) -> None:
-    """metrics.json and the PNG plots of an evaluation into a local folder."""
-    os.makedirs(directory, exist_ok=True)
-    metrics, p = evaluation.metrics, evaluation.predictions
-    report.write_json({"test": metrics, **(extra or {})}, os.path.join(directory, "metrics.json"))
-    titles = {
-        "binary": "binary CNN (normal vs pneumonia)",
-        "multiclass": "three-class CNN",
-        "knn": f"KNN (k={bundle.knn.k}, {bundle.knn.feature_kind})",
-        "autoencoder": "autoencoder anomaly (pneumonia = anomaly)",
-    }
-    for name, title in titles.items():
-        report.plot_confusion(
-            metrics[name], title, os.path.join(directory, f"confusion_{name}.png")
-        )
-    is_pneumonia = p["label"] != "normal"
-    report.plot_roc(
-        {
-            "binary CNN p_pneumonia": (is_pneumonia, p["p_pneumonia"]),
-            "autoencoder anomaly score": (is_pneumonia, p["anomaly_score"]),
-            "three-class CNN 1 - p_normal": (is_pneumonia, 1.0 - p["p_normal"]),
-        },
-        "normal vs pneumonia",
-        os.path.join(directory, "roc.png"),
-    )
-    if histories:
-        report.plot_training_curves(histories, os.path.join(directory, "training_curves.png"))
-    _plot_reconstructions(
-        bundle, dataset, os.path.join(directory, "autoencoder_reconstructions.png")
-    )
-
-
-def _plot_reconstructions(bundle: Bundle, dataset: ray.data.Dataset, path: str, per_class: int = 3):
-    chosen: dict[str, list[np.ndarray]] = {"normal": [], "pneumonia": []}
-    for batch in dataset.iter_batches(batch_size=64, batch_format="numpy"):
-        for image, label_index in zip(batch["image"], batch["label_index"], strict=True):
-            kind = "normal" if label_index == 0 else "pneumonia"
-            if len(chosen[kind]) < per_class:
-                chosen[kind].append(image)
-        if all(len(v) == per_class for v in chosen.values()):
-            break
-    images = np.stack(chosen["normal"] + chosen["pneumonia"])
-    captions = ["normal"] * len(chosen["normal"]) + ["pneumonia"] * len(chosen["pneumonia"])
-    with torch.inference_mode():
-        x = to_model_input(images).to(bundle.device)
-        recon = bundle.autoencoder(x)
-    errors = (recon - x).pow(2).mean(dim=(1, 2, 3)).cpu().numpy()
-    captions = [f"{c}\nmse {e:.4f}" for c, e in zip(captions, errors, strict=True)]
-    report.plot_reconstructions(x[:, 0].cpu().numpy(), recon[:, 0].cpu().numpy(), captions, path)
 
 
 def _choose_knn(
@@ -143,6 +51,60 @@ def _choose_knn(
     else:
         chosen = config.knn_features
     return fitted[chosen], val_accuracy
+
+
+def _binary_threshold(config: TrainConfig, val_out: dict) -> tuple[float, dict]:
+    """The binary threshold from validation outputs, and the card entry that says how."""
+    is_pneumonia = val_out["label_index"] > 0
+    scores = val_out["p_pneumonia"]
+    if config.binary_threshold == "sensitivity":
+        threshold = report.sensitivity_threshold(is_pneumonia, scores, config.target_sensitivity)
+        rule = (
+            f"highest threshold with validation sensitivity >= {config.target_sensitivity:g} "
+            "(--binary-threshold sensitivity)"
+        )
+    else:
+        threshold = report.youden_threshold(is_pneumonia, scores)
+        rule = (
+            "Youden's J (max sensitivity + specificity) on validation (--binary-threshold youden)"
+        )
+    validation = report.operating_point(is_pneumonia, scores, threshold)
+    return threshold, {"threshold_rule": rule, "validation": validation}
+
+
+def _choose_anomaly_score(
+    config: TrainConfig, train_out: dict, val_out: dict
+) -> tuple[NormalReference, str, dict]:
+    """Fit the latent reference on normal training images; threshold both anomaly scores on
+    normal validation images; keep the asked-for score (auto: higher validation AUC)."""
+    normal_train = train_out["label_index"] == 0
+    reference = NormalReference.fit(
+        list(train_out["image_uri"][normal_train]),
+        train_out["ae_code"][normal_train],
+        k=config.anomaly_k,
+    )
+    val_scores = {"latent": reference.score(val_out["ae_code"]), "mse": val_out["ae_mse"]}
+    val_is_pneumonia = val_out["label_index"] > 0
+    scores = {}
+    for kind in ANOMALY_SCORES:
+        values = val_scores[kind]
+        scores[kind] = {
+            "description": SCORE_DESCRIPTIONS[kind],
+            "threshold": report.percentile_threshold(
+                values[~val_is_pneumonia], config.anomaly_percentile
+            ),
+            "validation_auc": float(roc_auc_score(val_is_pneumonia, values))
+            if val_is_pneumonia.any() and (~val_is_pneumonia).any()
+            else float("nan"),
+        }
+    if config.anomaly_score == "auto":
+        # NaN AUCs (a one-class validation set) compare False: the latent score is kept.
+        chosen = max(
+            ANOMALY_SCORES, key=lambda kind: (scores[kind]["validation_auc"], kind == "latent")
+        )
+    else:
+        chosen = config.anomaly_score
+    return reference, chosen, scores
 
 
 def run_training(config: TrainConfig) -> dict:
@@ -206,13 +168,21 @@ def run_training(config: TrainConfig) -> dict:
 
     log("choosing thresholds and KNN features on validation")
     val_out = collect_outputs(models, val.dataset)
-    train_out = collect_outputs({"multiclass": models["multiclass"]}, train.dataset)
-    val_is_pneumonia = val_out["label_index"] > 0
-    binary_threshold = report.youden_threshold(val_is_pneumonia, val_out["p_pneumonia"])
-    anomaly_threshold = report.percentile_threshold(
-        val_out["ae_mse"][~val_is_pneumonia], config.anomaly_percentile
+    train_out = collect_outputs(
+        {"multiclass": models["multiclass"], "autoencoder": models["autoencoder"]}, train.dataset
     )
+    binary_threshold, binary_rule = _binary_threshold(config, val_out)
     knn, knn_val_accuracy = _choose_knn(config, train_out, val_out)
+    normal_reference, anomaly_kind, anomaly_scores = _choose_anomaly_score(
+        config, train_out, val_out
+    )
+    anomaly_threshold = anomaly_scores[anomaly_kind]["threshold"]
+    log(
+        f"binary threshold {binary_threshold:.4f} (validation {binary_rule['validation']}); "
+        f"anomaly score {anomaly_kind} (validation AUC "
+        + ", ".join(f"{k} {v['validation_auc']:.3f}" for k, v in anomaly_scores.items())
+        + ")"
+    )
 
     card = {
         "image_size": config.image_size,
@@ -224,7 +194,7 @@ def run_training(config: TrainConfig) -> dict:
                 "labels": list(BINARY_LABELS),
                 "output": "sigmoid: p_pneumonia",
                 "threshold": binary_threshold,
-                "threshold_rule": "Youden's J (max sensitivity + specificity) on validation",
+                **binary_rule,
                 "best_epoch": trained["binary"].best_epoch,
             },
             "multiclass": {
@@ -250,13 +220,23 @@ def run_training(config: TrainConfig) -> dict:
             "autoencoder": {
                 "file": "autoencoder.pt",
                 "architecture": "conv_autoencoder",
-                "score": "mse",
-                "score_description": "mean squared reconstruction error",
+                "score": anomaly_kind,
+                "score_description": SCORE_DESCRIPTIONS[anomaly_kind],
+                "score_rule": (
+                    f"--anomaly-score {config.anomaly_score}"
+                    + (": higher validation ROC AUC" if config.anomaly_score == "auto" else "")
+                ),
                 "threshold": anomaly_threshold,
                 "threshold_rule": (
                     f"{config.anomaly_percentile:g}th percentile of the scores of "
                     "normal validation images"
                 ),
+                "scores": anomaly_scores,
+                "normal_reference": {
+                    "file": NORMAL_REFERENCE_FILE,
+                    "k": normal_reference.k,
+                    "images": len(normal_reference.uris),
+                },
                 "best_epoch": trained["autoencoder"].best_epoch,
             },
         },
@@ -277,11 +257,11 @@ def run_training(config: TrainConfig) -> dict:
             "test": data.fingerprint(test_images),
         },
     }
-    bundle = Bundle(card, knn=knn, **models)
+    bundle = Bundle(card, knn=knn, normal_reference=normal_reference, **models)
 
     log("evaluating on the test split")
     evaluation = evaluate_bundle(bundle, test.dataset)
-    card["metrics"] = {"test": evaluation.metrics}
+    card["metrics"] = {"test": evaluation.metrics, "bootstrap": evaluation.bootstrap}
     with tempfile.TemporaryDirectory() as report_dir:
         write_report(
             evaluation,
@@ -292,11 +272,12 @@ def run_training(config: TrainConfig) -> dict:
             extra={
                 "skipped_images": card["training"]["skipped_images"],
                 "thresholds": {"binary": binary_threshold, "anomaly": anomaly_threshold},
+                "anomaly_score": anomaly_kind,
             },
         )
         card = write_bundle(bundle, config.output, report_dir)
 
-    print("\n" + report.metrics_table(evaluation.metrics), flush=True)
+    print("\n" + results_table(evaluation.metrics), flush=True)
     log(f"bundle {card['model_version']} written to {config.output}")
     log(f"report: {config.output.rstrip('/')}/report/ (metrics.json and PNG plots)")
     log(f"done in {time.perf_counter() - started:.0f}s")

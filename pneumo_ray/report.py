@@ -69,6 +69,30 @@ def youden_threshold(is_positive: np.ndarray, scores: np.ndarray) -> float:
     return float(min(1.0, thresholds[best]))
 
 
+def sensitivity_threshold(is_positive: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity (``score >= threshold``) on these scores is at
+    least ``target``: as specific as the target allows."""
+    is_positive = np.asarray(is_positive, dtype=bool)
+    if not is_positive.any():
+        raise ValueError("no positive validation images to set a sensitivity threshold from")
+    positives = np.sort(np.asarray(scores, dtype=np.float64)[is_positive])[::-1]
+    # The ceil(target * n)-th highest positive score keeps that many positives at or above it.
+    needed = max(1, int(np.ceil(target * len(positives) - 1e-9)))
+    return float(positives[needed - 1])
+
+
+def operating_point(is_positive: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Sensitivity and specificity of ``score >= threshold``."""
+    is_positive = np.asarray(is_positive, dtype=bool)
+    called = np.asarray(scores) >= threshold
+    return {
+        "sensitivity": float(np.mean(called[is_positive])) if is_positive.any() else float("nan"),
+        "specificity": float(np.mean(~called[~is_positive]))
+        if (~is_positive).any()
+        else float("nan"),
+    }
+
+
 def percentile_threshold(normal_scores: np.ndarray, percentile: float) -> float:
     """The ``percentile``-th percentile of normal images' anomaly scores."""
     if len(normal_scores) == 0:
@@ -168,16 +192,3 @@ def write_json(payload: dict, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=2, sort_keys=False)
-
-
-def metrics_table(test_metrics: dict) -> str:
-    """A plain-text table of the headline test figures of each model."""
-    lines = [f"{'model':<12} {'n':>5} {'accuracy':>9} {'roc_auc':>8}  macro F1"]
-    for name, metrics in test_metrics.items():
-        f1 = np.mean([c["f1"] for c in metrics["per_class"].values()])
-        auc = metrics.get("roc_auc")
-        auc_text = f"{auc:8.3f}" if auc is not None else f"{'-':>8}"
-        lines.append(
-            f"{name:<12} {metrics['n']:>5} {metrics['accuracy']:9.3f} {auc_text}  {f1:.3f}"
-        )
-    return "\n".join(lines)

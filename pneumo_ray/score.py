@@ -57,6 +57,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("knn_distances", pa.list_(pa.float32())),
         ("anomaly_score", pa.float32()),
         ("is_anomaly", pa.bool_()),
+        ("reconstruction_mse", pa.float32()),  # the design's anomaly score, always kept
         ("model_version", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
         ("error", pa.string()),

@@ -165,7 +165,15 @@ def train_loop_per_worker(loop: dict) -> None:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=loop["lr"])
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=loop["lr"], weight_decay=loop["weight_decay"]
+    )
+    # Per-epoch schedule: constant (the design's) or cosine decay to 0 over the run's epochs.
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=loop["epochs"])
+        if loop["lr_schedule"] == "cosine"
+        else None
+    )
     weights = (
         torch.tensor(loop["class_weights"], dtype=torch.float32, device=device)
         if loop["class_weights"]
@@ -187,6 +195,8 @@ def train_loop_per_worker(loop: dict) -> None:
             state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
         if rank == 0:
             _progress(f"[{name}] resuming after epoch {state['epoch']} from {checkpoint.path}")
 
@@ -220,6 +230,10 @@ def train_loop_per_worker(loop: dict) -> None:
         recent: collections.deque[torch.Tensor] = collections.deque()
         model.train()
         for x, y in batches(train_shard, shuffle=True):
+            if len(y) < 2:
+                # A last batch of one image breaks BatchNorm's training statistics. Shards are
+                # split equally, so every rank skips the same step (DDP stays in lockstep).
+                continue
             recent.append(prepare(x))
             while sum(len(r) for r in recent) - len(recent[0]) >= BN_CALIBRATION_IMAGES:
                 recent.popleft()
@@ -227,6 +241,9 @@ def train_loop_per_worker(loop: dict) -> None:
             seen += len(y)
             loss_sum += float(loss.detach().sum())
             correct_sum += float(correct.sum())
+        lr = optimizer.param_groups[0]["lr"]
+        if schedule is not None:
+            schedule.step()
         train_seconds = time.perf_counter() - started
 
         recalibrate_batchnorm(_unwrap(model), list(recent))
@@ -246,6 +263,7 @@ def train_loop_per_worker(loop: dict) -> None:
             "train_loss": loss_all / max(1.0, seen_all),
             "val_loss": v_loss / max(1.0, v_seen),
             "images_per_s": seen_all / max(train_seconds, 1e-9),
+            "lr": lr,
         }
         if name != "autoencoder":
             metrics["train_accuracy"] = correct_all / max(1.0, seen_all)
@@ -268,6 +286,7 @@ def train_loop_per_worker(loop: dict) -> None:
             _progress(f"[{name}] epoch {state['epoch']}/{loop['epochs']} {shown}{stop_note}")
             state["model"] = unwrapped.state_dict()
             state["optimizer"] = optimizer.state_dict()
+            state["schedule"] = schedule.state_dict() if schedule is not None else {}
             with tempfile.TemporaryDirectory() as directory:
                 torch.save(state, os.path.join(directory, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -365,6 +384,8 @@ def fit_network(
             "image_size": config.image_size,
             "epochs": settings.epochs,
             "lr": settings.lr,
+            "weight_decay": settings.weight_decay,
+            "lr_schedule": settings.lr_schedule,
             "patience": settings.early_stopping_patience,
             "batch_size": config.batch_size,
             "class_weights": weights,
@@ -393,8 +414,10 @@ def collect_outputs(
     """Run models over a decoded dataset in this process (no augmentation).
 
     Returns ``image_uri``, ``label_index`` and each given model's raw output: ``p_pneumonia``
-    (binary), ``probs`` and ``embedding`` (multiclass), ``ae_mse`` (autoencoder).
+    (binary), ``probs`` and ``embedding`` (multiclass), ``ae_mse`` and ``ae_code``
+    (autoencoder: pixel error and pooled latent code).
     """
+    from pneumo_ray.models.anomaly import autoencoder_outputs
     from pneumo_ray.models.knn import multiclass_outputs
 
     columns: dict[str, list] = {}
@@ -411,8 +434,8 @@ def collect_outputs(
                 probs, embedding = multiclass_outputs(models["multiclass"], x)
                 out["probs"], out["embedding"] = probs.numpy(), embedding.numpy()
             if "autoencoder" in models:
-                ae = models["autoencoder"]
-                out["ae_mse"] = reconstruction_error(ae, x).numpy()
+                mse, code = autoencoder_outputs(models["autoencoder"], x)
+                out["ae_mse"], out["ae_code"] = mse.numpy(), code.numpy()
             for key, value in out.items():
                 columns.setdefault(key, []).append(value)
     return {key: np.concatenate(parts) for key, parts in columns.items()}

@@ -11,6 +11,7 @@ from pneumo_ray.labels import (
     patient_id,
     split_by_patient,
 )
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize(
@@ -80,3 +81,29 @@ def test_limit_per_class():
     assert len(kept) == 15
     assert all(sum(i.label == label for i in kept) == 5 for label in ("normal", "viral"))
     assert limit_per_class(images, None, seed=0) == images
+
+
+def test_patient_split_does_not_depend_on_string_hashing():
+    # A patient with one bacterial and one viral image ties on the majority label; the
+    # tie-break must not follow set order, which changes with PYTHONHASHSEED.
+    import subprocess
+    import sys
+
+    code = (
+        "from pneumo_ray.labels import LabelledImage, split_by_patient\n"
+        "images = [LabelledImage(f'/s/train/PNEUMONIA/person{p}_{k}_{i}.jpeg', 'train',"
+        " 'bacterial' if k == 'bacteria' else 'viral', f'person{p}', 1)"
+        " for p in range(60) for i, k in enumerate(('bacteria', 'virus')[p % 3 : p % 3 + 2])]\n"
+        "print(sorted({i.patient_id for i in split_by_patient(images, 0.3, 0)[1]}))\n"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={"PYTHONHASHSEED": str(seed), "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(6)
+    }
+    assert len(outputs) == 1, outputs

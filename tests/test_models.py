@@ -5,7 +5,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pneumo_ray.models import ConvAutoencoder, KnnReference, binary_cnn, multiclass_cnn
+from pneumo_ray.models import (
+    ConvAutoencoder,
+    KnnReference,
+    binary_cnn,
+    multiclass_cnn,
+    reconstruction_error,
+)
+from pneumo_ray.models.anomaly import NormalReference, autoencoder_outputs
 from pneumo_ray.models.knn import multiclass_outputs, select_features
 
 
@@ -84,3 +91,32 @@ def test_knn_needs_k_reference_images_and_a_known_feature_kind():
         KnnReference.fit(["a"], ["normal"], np.zeros((1, 3)), k=5, feature_kind="softmax")
     with pytest.raises(ValueError, match="feature kind"):
         select_features(np.zeros((1, 3)), np.zeros((1, 128)), "pixels")
+
+
+def test_autoencoder_outputs_give_the_pixel_error_and_a_pooled_code():
+    torch.manual_seed(0)
+    model = ConvAutoencoder(64).eval()
+    x = torch.rand(3, 1, 64, 64)
+    mse, code = autoencoder_outputs(model, x)
+    with torch.inference_mode():
+        np.testing.assert_allclose(mse.numpy(), reconstruction_error(model, x).numpy(), rtol=1e-6)
+    assert code.shape == (3, 32 + 64 + 128 + 256)
+
+
+def test_normal_reference_scores_distance_to_normal_images(tmp_path):
+    rng = np.random.default_rng(0)
+    normal = rng.normal(0, 1, (200, 16)).astype(np.float32)
+    reference = NormalReference.fit([f"/n/{i}.jpeg" for i in range(200)], normal, k=5)
+    typical = rng.normal(0, 1, (50, 16))
+    unusual = rng.normal(3, 1, (50, 16))
+    assert reference.score(unusual).min() > np.median(reference.score(typical))
+    # The reference's own images score like new normal ones when they leave themselves out.
+    own = reference.score_excluding_self(normal)
+    assert abs(np.median(own) - np.median(reference.score(typical))) < 0.15 * np.median(own)
+
+    pq.write_table(reference.to_table(), tmp_path / "ref.parquet")
+    loaded = NormalReference.from_table(pq.read_table(tmp_path / "ref.parquet"))
+    assert loaded.k == 5 and list(loaded.uris) == list(reference.uris)
+    np.testing.assert_allclose(loaded.score(unusual), reference.score(unusual), rtol=1e-6)
+    with pytest.raises(ValueError, match="more than k=5"):
+        NormalReference.fit(["/a"] * 5, normal[:5], k=5)

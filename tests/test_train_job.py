@@ -12,6 +12,8 @@ from pneumo_ray.models import binary_cnn
 
 from .conftest import CHEST_XRAY, CORRUPT, SIZE, TRAIN_ARGS, run_job
 
+MODELS = ("binary", "multiclass", "knn", "autoencoder", "autoencoder_mse")
+
 
 def test_bundle_holds_every_file(trained):
     bundle, _ = trained
@@ -20,12 +22,14 @@ def test_bundle_holds_every_file(trained):
         "multiclass.pt",
         "autoencoder.pt",
         "knn_reference.parquet",
+        "normal_reference.parquet",
         "card.json",
         "report/metrics.json",
+        "report/predictions.parquet",
         "report/roc.png",
         "report/training_curves.png",
         "report/autoencoder_reconstructions.png",
-        *(f"report/confusion_{m}.png" for m in ("binary", "multiclass", "knn", "autoencoder")),
+        *(f"report/confusion_{m}.png" for m in MODELS),
     ):
         assert (bundle / name).is_file() and (bundle / name).stat().st_size > 0, name
     state = torch.load(bundle / "binary.pt", weights_only=True)
@@ -46,7 +50,8 @@ def test_bundle_holds_every_file(trained):
     )
     assert len(card["data_fingerprint"]["train"]["sha256"]) == 64
     assert card["versions"]["ray"] == "2.60.0"
-    assert set(card["metrics"]["test"]) == {"binary", "multiclass", "knn", "autoencoder"}
+    assert set(card["metrics"]["test"]) == set(MODELS)
+    assert card["metrics"]["bootstrap"]["replicates"] == 1000
     assert card["training"]["class_weights"]["binary"][0] > 1.0  # normal is the minority
 
     reference = pq.read_table(bundle / "knn_reference.parquet")
@@ -62,7 +67,7 @@ def test_bundle_holds_every_file(trained):
 def test_metrics_report_every_model(trained):
     bundle, output = trained
     metrics = json.loads((bundle / "report" / "metrics.json").read_text())["test"]
-    for name in ("binary", "multiclass", "knn", "autoencoder"):
+    for name in MODELS:
         m = metrics[name]
         assert m["n"] == 120
         assert 0.0 <= m["accuracy"] <= 1.0
@@ -73,6 +78,32 @@ def test_metrics_report_every_model(trained):
     assert "roc_auc" in metrics["binary"] and "roc_auc" in metrics["multiclass"]
     assert "epoch 4/4" in output and "binary" in output  # progress every epoch
     assert "accuracy" in output and "roc_auc" in output  # the closing metrics table
+
+
+def test_thresholds_and_anomaly_score_are_chosen_on_validation(trained):
+    bundle, output = trained
+    card = json.loads((bundle / "card.json").read_text())
+    binary = card["models"]["binary"]
+    assert "validation sensitivity >= 0.95" in binary["threshold_rule"]
+    assert binary["validation"]["sensitivity"] >= 0.95
+    autoencoder = card["models"]["autoencoder"]
+    scores = autoencoder["scores"]
+    assert set(scores) == {"latent", "mse"}
+    best = max(scores, key=lambda kind: scores[kind]["validation_auc"])
+    assert autoencoder["score"] == best and "higher validation ROC AUC" in autoencoder["score_rule"]
+    assert autoencoder["threshold"] == scores[best]["threshold"]
+    assert "percentile" in autoencoder["threshold_rule"]
+    reference = pq.read_table(bundle / "normal_reference.parquet")
+    assert reference.num_rows == autoencoder["normal_reference"]["images"]
+    assert all("/NORMAL/" in uri for uri in reference.column("image_uri").to_pylist())
+    assert f"anomaly score {best}" in output
+    # The design's pixel error is reported beside the chosen score.
+    metrics = json.loads((bundle / "report" / "metrics.json").read_text())["test"]
+    assert metrics["autoencoder_mse"]["score"] == "mse"
+    for model in MODELS:
+        for figure, value in metrics[model]["headline"].items():
+            low, high = metrics[model]["ci95"][figure]
+            assert low <= value <= high, (model, figure)
 
 
 def test_binary_model_beats_chance_on_the_test_images(trained):
