@@ -79,7 +79,10 @@ def subset_store(tmp_path_factory):
     return root
 
 
-TRAIN_ARGS = ["--image-size", str(SIZE), "--epochs", "4", "--lr-binary", "1e-3", "--seed", "1"]
+TRAIN_ARGS = [
+    "--image-size", str(SIZE), "--epochs", "4", "--lr-binary", "1e-3", "--seed", "1",
+    "--lr-schedule", "cosine", "--weight-decay", "1e-4",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from pneumo_ray.bundle import load_bundle
@@ -104,6 +106,20 @@ def test_thresholds_and_anomaly_score_are_chosen_on_validation(trained):
         for figure, value in metrics[model]["headline"].items():
             low, high = metrics[model]["ci95"][figure]
             assert low <= value <= high, (model, figure)
+
+
+def test_cosine_schedule_and_weight_decay_reach_every_network(trained):
+    bundle, _ = trained
+    card = json.loads((bundle / "card.json").read_text())
+    for name in ("binary", "multiclass", "autoencoder"):
+        settings = card["training"]["config"][name]
+        assert settings["lr_schedule"] == "cosine"
+        history = card["training"]["history"][name]
+        base = settings["lr"]
+        expected = [base * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(len(history))]
+        assert [row["lr"] for row in history] == pytest.approx(expected)
+    assert card["training"]["config"]["binary"]["weight_decay"] == 1e-4
+    assert card["training"]["config"]["autoencoder"]["weight_decay"] == 0.0  # CNNs only
 
 
 def test_binary_model_beats_chance_on_the_test_images(trained):

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+
+from pneumo_ray.config import ConfigError, NetworkConfig, TrainConfig
+
+
+def config(**overrides) -> TrainConfig:
+    return TrainConfig(data="/s", output="/o", **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "flag"),
+    [
+        ({"anomaly_score": "ssim"}, "--anomaly-score"),
+        ({"anomaly_k": 0}, "--anomaly-k"),
+        ({"binary_threshold": "half"}, "--binary-threshold"),
+        ({"target_sensitivity": 0.3}, "--target-sensitivity"),
+        ({"binary": NetworkConfig(10, 1e-3, weight_decay=-1.0)}, "--weight-decay"),
+        ({"multiclass": NetworkConfig(10, 1e-3, lr_schedule="step")}, "--lr-schedule"),
+    ],
+)
+def test_bad_settings_name_their_flag(overrides, flag):
+    with pytest.raises(ConfigError, match=flag):
+        config(**overrides)
+
+
+def test_settings_that_shape_a_network_change_its_run_key():
+    base = config()
+    assert config().run_key("binary") == base.run_key("binary")
+    cosine = config(binary=NetworkConfig(10, 3e-5, lr_schedule="cosine"))
+    assert cosine.run_key("binary") != base.run_key("binary")
+    assert cosine.run_key("multiclass") == base.run_key("multiclass")
+    # Thresholds and scores are chosen after training: they do not restart it.
+    assert config(target_sensitivity=0.9).run_key("binary") == base.run_key("binary")
