@@ -75,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-failures", type=int, default=2)
     parser.add_argument("--knn-k", type=int, default=5)
-    parser.add_argument("--knn-features", default="auto", choices=["auto", "softmax", "embedding"])
+    parser.add_argument(
+        "--knn-features", default="softmax", choices=["auto", "softmax", "embedding"]
+    )
     parser.add_argument("--anomaly-percentile", type=float, default=95.0)
     parser.add_argument(
         "--anomaly-score",

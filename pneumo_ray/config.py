@@ -67,8 +67,9 @@ class TrainConfig:
     """Worker failures to recover from, each time from the last checkpoint (--max-failures)."""
     knn_k: int = 5
     """Neighbours of the KNN classifier (--knn-k)."""
-    knn_features: str = "auto"
-    """KNN features: softmax, embedding, or auto (better on validation) (--knn-features)."""
+    knn_features: str = "softmax"
+    """KNN features: softmax (the design's: the space the three-class decision is made in),
+    embedding, or auto (better on validation) (--knn-features)."""
     anomaly_percentile: float = 95.0
     """Anomaly threshold: this percentile of normal validation images' scores
     (--anomaly-percentile)."""
