@@ -150,10 +150,11 @@ def evaluate_predictions(
     truth_binary = np.where(p["label"] == "normal", *BINARY_LABELS)
     anomaly_pred = np.where(p["is_anomaly"], *BINARY_LABELS[::-1])
     probs = np.stack([p["p_normal"], p["p_bacterial"], p["p_viral"]], axis=1)
-    mse_threshold = bundle.card["models"]["autoencoder"].get("scores", {}).get("mse", {})
+    # The design's pixel MSE at its own threshold (a bundle scored by MSE has only that one).
+    mse_score = bundle.card["models"]["autoencoder"].get("scores", {}).get("mse")
     mse_pred = (
-        np.where(p["reconstruction_mse"] > mse_threshold["threshold"], *BINARY_LABELS[::-1])
-        if "threshold" in mse_threshold
+        np.where(p["reconstruction_mse"] > mse_score["threshold"], *BINARY_LABELS[::-1])
+        if mse_score
         else anomaly_pred
     )
     metrics = {

@@ -13,17 +13,13 @@ from sklearn.metrics import roc_auc_score
 from pneumo_ray import data, report
 from pneumo_ray.bundle import NORMAL_REFERENCE_FILE, Bundle, write_bundle
 from pneumo_ray.config import TrainConfig
-from pneumo_ray.evaluation import evaluate_bundle, results_table, write_report
+from pneumo_ray.evaluation import evaluate_bundle, log, results_table, write_report
 from pneumo_ray.images import PREPROCESSING
 from pneumo_ray.labels import BINARY_LABELS, CLASS_LABELS, limit_per_class, split_by_patient
 from pneumo_ray.models import KnnReference
 from pneumo_ray.models.anomaly import ANOMALY_SCORES, SCORE_DESCRIPTIONS, NormalReference
 from pneumo_ray.models.knn import FEATURE_KINDS, select_features
 from pneumo_ray.train import class_weights, collect_outputs, decide_scaling, fit_network
-
-
-def log(message: str) -> None:
-    print(f"[pneumo_ray] {message}", flush=True)
 
 
 def _choose_knn(
@@ -73,15 +69,12 @@ def _binary_threshold(config: TrainConfig, val_out: dict) -> tuple[float, dict]:
 
 
 def _choose_anomaly_score(
-    config: TrainConfig, train_out: dict, val_out: dict
+    config: TrainConfig, normal_train_out: dict, val_out: dict
 ) -> tuple[NormalReference, str, dict]:
     """Fit the latent reference on normal training images; threshold both anomaly scores on
     normal validation images; keep the asked-for score (auto: higher validation AUC)."""
-    normal_train = train_out["label_index"] == 0
     reference = NormalReference.fit(
-        list(train_out["image_uri"][normal_train]),
-        train_out["ae_code"][normal_train],
-        k=config.anomaly_k,
+        list(normal_train_out["image_uri"]), normal_train_out["ae_code"], k=config.anomaly_k
     )
     val_scores = {"latent": reference.score(val_out["ae_code"]), "mse": val_out["ae_mse"]}
     val_is_pneumonia = val_out["label_index"] > 0
@@ -159,8 +152,9 @@ def run_training(config: TrainConfig) -> dict:
         trained[name] = fit_network(
             name, config, scaling, train.dataset, val.dataset, weights[name]
         )
+    normal_train = data.normal_only(train)
     trained["autoencoder"] = fit_network(
-        "autoencoder", config, scaling, data.normal_only(train), data.normal_only(val), None
+        "autoencoder", config, scaling, normal_train, data.normal_only(val), None
     )
     models = {name: network.model(config.image_size) for name, network in trained.items()}
     for model in models.values():
@@ -168,13 +162,12 @@ def run_training(config: TrainConfig) -> dict:
 
     log("choosing thresholds and KNN features on validation")
     val_out = collect_outputs(models, val.dataset)
-    train_out = collect_outputs(
-        {"multiclass": models["multiclass"], "autoencoder": models["autoencoder"]}, train.dataset
-    )
+    train_out = collect_outputs({"multiclass": models["multiclass"]}, train.dataset)
+    normal_train_out = collect_outputs({"autoencoder": models["autoencoder"]}, normal_train)
     binary_threshold, binary_rule = _binary_threshold(config, val_out)
     knn, knn_val_accuracy = _choose_knn(config, train_out, val_out)
     normal_reference, anomaly_kind, anomaly_scores = _choose_anomaly_score(
-        config, train_out, val_out
+        config, normal_train_out, val_out
     )
     anomaly_threshold = anomaly_scores[anomaly_kind]["threshold"]
     log(
