@@ -110,9 +110,6 @@ def test_normal_reference_scores_distance_to_normal_images(tmp_path):
     typical = rng.normal(0, 1, (50, 16))
     unusual = rng.normal(3, 1, (50, 16))
     assert reference.score(unusual).min() > np.median(reference.score(typical))
-    # The reference's own images score like new normal ones when they leave themselves out.
-    own = reference.score_excluding_self(normal)
-    assert abs(np.median(own) - np.median(reference.score(typical))) < 0.15 * np.median(own)
 
     pq.write_table(reference.to_table(), tmp_path / "ref.parquet")
     loaded = NormalReference.from_table(pq.read_table(tmp_path / "ref.parquet"))

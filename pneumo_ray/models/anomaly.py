@@ -78,13 +78,6 @@ class NormalReference:
         distances, _ = self.index.kneighbors((np.asarray(features) - self.mean) / self.scale)
         return distances.mean(axis=1).astype(np.float32)
 
-    def score_excluding_self(self, features: np.ndarray) -> np.ndarray:
-        """``score`` for the reference images themselves, each leaving itself out."""
-        distances, _ = self.index.kneighbors(
-            (np.asarray(features) - self.mean) / self.scale, n_neighbors=self.k + 1
-        )
-        return distances[:, 1:].mean(axis=1).astype(np.float32)
-
     def to_table(self) -> pa.Table:
         dim = self.features.shape[1]
         return pa.table(
