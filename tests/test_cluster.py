@@ -218,8 +218,9 @@ def test_training_and_scoring_spread_over_two_nodes(two_nodes, subset_store, tmp
     )
     assert result.returncode == 0, result.stderr[-4000:]
     card = json.loads((bundle / "card.json").read_text())
+    cluster_nodes = {node.node_id for node in two_nodes.list_all_nodes()}
     for network, nodes in card["training"]["worker_nodes"].items():
-        assert len(nodes) == 2 and len(set(nodes)) == 2, (network, nodes)
+        assert len(nodes) == 2 and set(nodes) == cluster_nodes, (network, nodes)
     result = run_job(
         "score.py",
         "--model",
@@ -239,14 +240,16 @@ def test_training_and_scoring_spread_over_two_nodes(two_nodes, subset_store, tmp
     df = read_scores(str(scores)).to_pandas()
     assert len(df) == 231 and df["image_uri"].is_unique and df["error"].isna().all()
     # One model actor on each node (the actors announce themselves when their bundle is
-    # loaded), and both scored.
+    # loaded), and every row was scored by one of them. Which actor takes a block is Ray
+    # Data's choice: it prefers the actor on the node that holds the block while that actor
+    # has room, so under a light load one actor may score everything; not asserted.
     ready = {
         line.split("model actor ready on node ")[1].split()[0]
         for line in (result.stdout + result.stderr).splitlines()
         if "model actor ready on node " in line
     }
-    assert len(ready) == 2, ready
-    assert set(df["scored_on"]) == ready
+    assert ready == cluster_nodes, ready
+    assert set(df["scored_on"]) <= ready
 
 
 def _kill_when(match: str, ready, timeout: float = 300) -> int:
