@@ -16,9 +16,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
 from pneumo_ray.config import TrainConfig  # noqa: E402
+from pneumo_ray.models.knn import KNN_K_CANDIDATES  # noqa: E402
 from pneumo_ray.errors import USER_ERRORS  # noqa: E402
 from pneumo_ray.pipeline import run_training  # noqa: E402
 from pneumo_ray.runtime import init_ray  # noqa: E402
+
+
+def _int_or_auto(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number, got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--storage-path", default=None, help="checkpoint storage (default: <output>/checkpoints)"
     )
     parser.add_argument("--max-failures", type=int, default=2)
-    parser.add_argument("--knn-k", type=int, default=5)
+    parser.add_argument(
+        "--knn-k",
+        type=_int_or_auto,
+        default=None,
+        metavar="{auto,K}",
+        help=f"KNN neighbours; auto (default): best validation accuracy of {KNN_K_CANDIDATES}",
+    )
     parser.add_argument(
         "--knn-features", default="softmax", choices=["auto", "softmax", "embedding"]
     )

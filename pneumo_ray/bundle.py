@@ -194,7 +194,7 @@ def write_bundle(bundle: Bundle, uri: str, report_dir: str | None = None) -> dic
         stores.write_bytes(stores.join(uri, name), data)
     if report_dir:
         stores.upload_dir(report_dir, stores.join(uri, REPORT_DIR))
-    stores.write_bytes(stores.join(uri, CARD), json.dumps(card, indent=2).encode())
+    stores.write_bytes(stores.join(uri, CARD), stores.json_bytes(card))
     bundle.card = card
     return card
 

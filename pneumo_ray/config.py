@@ -65,8 +65,9 @@ class TrainConfig:
     """Where Ray Train keeps checkpoints; None: <output>/checkpoints (--storage-path)."""
     max_failures: int = 2
     """Worker failures to recover from, each time from the last checkpoint (--max-failures)."""
-    knn_k: int = 5
-    """Neighbours of the KNN classifier (--knn-k)."""
+    knn_k: int | None = None
+    """Neighbours of the KNN classifier; None: the one of KNN_K_CANDIDATES with the best
+    validation accuracy (--knn-k, auto)."""
     knn_features: str = "softmax"
     """KNN features: softmax (the design's: the space the three-class decision is made in),
     embedding, or auto (better on validation) (--knn-features)."""
@@ -113,7 +114,7 @@ class TrainConfig:
             raise ConfigError(f"--num-workers must be at least 1, got {self.num_workers}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ConfigError(f"--cpus-per-worker must be at least 1, got {self.cpus_per_worker}")
-        if self.knn_k < 1:
+        if self.knn_k is not None and self.knn_k < 1:
             raise ConfigError(f"--knn-k must be at least 1, got {self.knn_k}")
         if self.knn_features not in ("auto", *FEATURE_KINDS):
             raise ConfigError(

@@ -18,34 +18,38 @@ from pneumo_ray.images import PREPROCESSING
 from pneumo_ray.labels import BINARY_LABELS, CLASS_LABELS, limit_per_class, split_by_patient
 from pneumo_ray.models import KnnReference
 from pneumo_ray.models.anomaly import ANOMALY_SCORES, SCORE_DESCRIPTIONS, NormalReference
-from pneumo_ray.models.knn import FEATURE_KINDS, select_features
+from pneumo_ray.models.knn import FEATURE_KINDS, KNN_K_CANDIDATES, select_features
 from pneumo_ray.train import class_weights, collect_outputs, decide_scaling, fit_network
 
 
 def _choose_knn(
     config: TrainConfig, train_out: dict, val_out: dict
-) -> tuple[KnnReference, dict[str, float]]:
-    """Fit the KNN on each feature kind, score each on validation, keep the asked-for one."""
+) -> tuple[KnnReference, dict[str, dict[str, float]]]:
+    """Fit the KNN for each feature kind and each candidate k, score each on validation, keep
+    the asked-for kind with the asked-for k (or, for auto, the best on validation)."""
     train_labels = np.asarray(CLASS_LABELS)[train_out["label_index"]]
     val_labels = np.asarray(CLASS_LABELS)[val_out["label_index"]]
+    if config.knn_k is not None:
+        ks = [config.knn_k]
+    else:  # candidates the reference set can serve; the smallest always
+        ks = [k for k in KNN_K_CANDIDATES if k <= len(train_labels)] or [KNN_K_CANDIDATES[0]]
     fitted, val_accuracy = {}, {}
     for kind in FEATURE_KINDS:
-        fitted[kind] = KnnReference.fit(
-            list(train_out["image_uri"]),
-            list(train_labels),
-            select_features(train_out["probs"], train_out["embedding"], kind),
-            k=config.knn_k,
-            feature_kind=kind,
-        )
-        predicted = fitted[kind].predict(
-            select_features(val_out["probs"], val_out["embedding"], kind)
-        )
-        val_accuracy[kind] = float(np.mean(predicted == val_labels))
-    if config.knn_features == "auto":
-        # Ties go to the design's softmax features.
-        chosen = max(FEATURE_KINDS, key=lambda kind: (val_accuracy[kind], kind == "softmax"))
-    else:
-        chosen = config.knn_features
+        features = select_features(train_out["probs"], train_out["embedding"], kind)
+        val_features = select_features(val_out["probs"], val_out["embedding"], kind)
+        val_accuracy[kind] = {}
+        for k in ks:
+            knn = KnnReference.fit(
+                list(train_out["image_uri"]), list(train_labels), features, k, kind
+            )
+            fitted[kind, k] = knn
+            val_accuracy[kind][str(k)] = float(np.mean(knn.predict(val_features) == val_labels))
+    kinds = FEATURE_KINDS if config.knn_features == "auto" else (config.knn_features,)
+    # Ties go to the design's softmax features, then to the smaller k.
+    chosen = max(
+        ((kind, k) for kind in kinds for k in ks),
+        key=lambda pair: (val_accuracy[pair[0]][str(pair[1])], pair[0] == "softmax", -pair[1]),
+    )
     return fitted[chosen], val_accuracy
 
 
@@ -174,7 +178,8 @@ def run_training(config: TrainConfig) -> dict:
         f"binary threshold {binary_threshold:.4f} (validation {binary_rule['validation']}); "
         f"anomaly score {anomaly_kind} (validation AUC "
         + ", ".join(f"{k} {v['validation_auc']:.3f}" for k, v in anomaly_scores.items())
-        + ")"
+        + f"); KNN on {knn.feature_kind} with k={knn.k} (validation accuracy "
+        + f"{knn_val_accuracy[knn.feature_kind][str(knn.k)]:.3f})"
     )
 
     card = {
@@ -207,6 +212,11 @@ def run_training(config: TrainConfig) -> dict:
                 "feature_rule": (
                     f"--knn-features {config.knn_features}"
                     + (": better validation accuracy" if config.knn_features == "auto" else "")
+                ),
+                "k_rule": (
+                    f"--knn-k {config.knn_k}"
+                    if config.knn_k is not None
+                    else f"--knn-k auto: best validation accuracy of k in {list(KNN_K_CANDIDATES)}"
                 ),
                 "reference_images": len(knn.uris),
             },

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -17,6 +16,8 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
     roc_curve,
 )
+
+from pneumo_ray import stores  # noqa: E402
 
 
 def classification_metrics(
@@ -190,5 +191,5 @@ def plot_reconstructions(
 
 def write_json(payload: dict, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
+    with open(path, "wb") as handle:
+        handle.write(stores.json_bytes(payload))

@@ -8,6 +8,8 @@ behave the same. S3 uses the standard AWS settings: the credentials chain, ``AWS
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 import posixpath
 from dataclasses import dataclass
@@ -133,6 +135,22 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs.create_dir(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path))
     with fs.open_output_stream(path) as stream:
         stream.write(data)
+
+
+def json_bytes(payload, indent: int | None = 2) -> bytes:
+    """Strict JSON: NaN and infinities (an AUC on a one-class split) become null, which every
+    JSON parser reads; Python's default would write the non-standard ``NaN``."""
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(item) for item in value]
+        return value
+
+    return json.dumps(clean(payload), indent=indent, allow_nan=False).encode()
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

@@ -14,6 +14,7 @@ def config(**overrides) -> TrainConfig:
     [
         ({"anomaly_score": "ssim"}, "--anomaly-score"),
         ({"anomaly_k": 0}, "--anomaly-k"),
+        ({"knn_k": 0}, "--knn-k"),
         ({"binary_threshold": "half"}, "--binary-threshold"),
         ({"target_sensitivity": 0.3}, "--target-sensitivity"),
         ({"binary": NetworkConfig(10, 1e-3, weight_decay=-1.0)}, "--weight-decay"),
@@ -33,3 +34,14 @@ def test_settings_that_shape_a_network_change_its_run_key():
     assert cosine.run_key("multiclass") == base.run_key("multiclass")
     # Thresholds and scores are chosen after training: they do not restart it.
     assert config(target_sensitivity=0.9).run_key("binary") == base.run_key("binary")
+
+
+def test_knn_k_flag_takes_auto_or_a_number(capsys):
+    from jobs.train import parse_args
+
+    assert parse_args(["--data", "/s", "--output", "/o"]).knn_k is None
+    assert parse_args(["--data", "/s", "--output", "/o", "--knn-k", "auto"]).knn_k is None
+    assert parse_args(["--data", "/s", "--output", "/o", "--knn-k", "25"]).knn_k == 25
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "/s", "--output", "/o", "--knn-k", "many"])
+    assert "expected auto or a whole number" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -123,3 +125,19 @@ def test_results_table_marks_targets():
     assert binary_auc_line.endswith("met") and "NOT MET" not in binary_auc_line
     knn_line = next(line for line in table.splitlines() if line.startswith("knn"))
     assert knn_line.endswith("NOT MET")
+
+
+def test_figures_of_a_one_class_split_are_written_as_strict_json(tmp_path):
+    p = fake_predictions(60)
+    pneumonia = p["label"] != "normal"
+    figures = headline_figures({key: value[pneumonia] for key, value in p.items()})
+    assert np.isnan(figures["binary"]["roc_auc"])  # no normal image: no AUC
+    path = tmp_path / "report" / "metrics.json"
+    report.write_json({"headline": figures}, str(path))
+
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    loaded = json.loads(path.read_text(), parse_constant=reject)
+    assert loaded["headline"]["binary"]["roc_auc"] is None
+    assert loaded["headline"]["binary"]["sensitivity"] == figures["binary"]["sensitivity"]

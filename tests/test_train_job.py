@@ -11,6 +11,7 @@ import torch
 
 from pneumo_ray.bundle import load_bundle
 from pneumo_ray.models import binary_cnn
+from pneumo_ray.models.knn import KNN_K_CANDIDATES
 
 from .conftest import CHEST_XRAY, CORRUPT, SIZE, TRAIN_ARGS, run_job
 
@@ -43,9 +44,12 @@ def test_bundle_holds_every_file(trained):
     assert card["models"]["multiclass"]["labels"] == ["normal", "bacterial", "viral"]
     assert 0.0 < card["models"]["binary"]["threshold"] < 1.0
     assert card["models"]["autoencoder"]["threshold"] > 0.0
-    assert card["models"]["knn"]["k"] == 5
-    assert card["models"]["knn"]["feature_kind"] in ("softmax", "embedding")
-    assert set(card["models"]["knn"]["validation_accuracy"]) == {"softmax", "embedding"}
+    knn = card["models"]["knn"]
+    assert knn["feature_kind"] == "softmax"  # the default
+    assert set(knn["validation_accuracy"]) == {"softmax", "embedding"}
+    softmax_accuracy = knn["validation_accuracy"]["softmax"]
+    assert set(softmax_accuracy) == {str(k) for k in KNN_K_CANDIDATES}
+    assert softmax_accuracy[str(knn["k"])] == max(softmax_accuracy.values())
     assert (
         card["data_fingerprint"]["train"]["images"] + card["data_fingerprint"]["val"]["images"]
         == 121
