@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
 from pneumo_ray.config import TrainConfig  # noqa: E402
-from pneumo_ray.models.knn import KNN_K_CANDIDATES  # noqa: E402
 from pneumo_ray.errors import USER_ERRORS  # noqa: E402
+from pneumo_ray.models.knn import KNN_K_CANDIDATES  # noqa: E402
 from pneumo_ray.pipeline import run_training  # noqa: E402
 from pneumo_ray.runtime import init_ray  # noqa: E402
 
