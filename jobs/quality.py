@@ -30,7 +30,7 @@ PROFILES = {
     "cpu-hour": [
         "--image-size", "128", "--lr-schedule", "cosine", "--weight-decay", "1e-4",
         "--binary-epochs", "10", "--lr-binary", "1e-3",
-        "--multiclass-epochs", "16", "--lr-multiclass", "1e-3", "--multiclass-patience", "0",
+        "--multiclass-epochs", "24", "--lr-multiclass", "1e-3", "--multiclass-patience", "0",
         "--autoencoder-epochs", "20", "--lr-autoencoder", "1e-3",
     ],
     # Minutes, for checking the script itself.
