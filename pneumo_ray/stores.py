@@ -137,7 +137,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         stream.write(data)
 
 
-def json_bytes(payload, indent: int | None = 2) -> bytes:
+def json_bytes(payload) -> bytes:
     """Strict JSON: NaN and infinities (an AUC on a one-class split) become null, which every
     JSON parser reads; Python's default would write the non-standard ``NaN``."""
 
@@ -150,7 +150,7 @@ def json_bytes(payload, indent: int | None = 2) -> bytes:
             return [clean(item) for item in value]
         return value
 
-    return json.dumps(clean(payload), indent=indent, allow_nan=False).encode()
+    return json.dumps(clean(payload), indent=2, allow_nan=False).encode()
 
 
 def upload_dir(local_dir: str, uri: str) -> None:
