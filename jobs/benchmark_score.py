@@ -35,8 +35,9 @@ from pneumo_ray.data import load_image  # noqa: E402
 from pneumo_ray.images import ImageDecodeError  # noqa: E402
 from pneumo_ray.labels import CLASS_LABELS  # noqa: E402
 from pneumo_ray.models import ConvAutoencoder, KnnReference, binary_cnn, multiclass_cnn  # noqa: E402
+from pneumo_ray.predict import plan_actors  # noqa: E402
 from pneumo_ray.runtime import init_ray  # noqa: E402
-from pneumo_ray.score import ScoreConfig, plan_actors, run_scoring  # noqa: E402
+from pneumo_ray.score import ScoreConfig, run_scoring  # noqa: E402
 from pneumo_ray.stores import StoreError  # noqa: E402
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_fullres"
@@ -80,7 +81,11 @@ def untrained_bundle(image_size: int, uri: str) -> str:
     )
     card = {
         "image_size": image_size,
-        "models": {"binary": {"threshold": 0.5}, "autoencoder": {"threshold": 0.01}},
+        "models": {
+            "binary": {"threshold": 0.5},
+            # The design's pixel MSE: the latent score would need a normal reference set.
+            "autoencoder": {"threshold": 0.01, "score": "mse"},
+        },
     }
     bundle = Bundle(
         card,
@@ -151,7 +156,7 @@ def main(args: argparse.Namespace) -> None:
                 output=str(root / "scores"),
                 batch_size=args.batch_size,
             )
-            plan = plan_actors(config)
+            plan = plan_actors(config.num_workers, config.use_gpu, config.threads_per_actor)
             plain = plain_loop(model, folder, args.batch_size, threads=plan.threads)
             print(
                 f"{args.images} full-resolution images; plain loop ({plan.threads} torch "
@@ -161,7 +166,7 @@ def main(args: argparse.Namespace) -> None:
             summary = run_scoring(config)
             ray_rate = summary.images_per_s
             print(
-                f"Ray Data job ({plan.actors} actor(s), decode in CPU tasks): "
+                f"Ray Data job ({plan.max_actors} actor(s), decode in CPU tasks): "
                 f"{ray_rate:.1f} images/s",
                 flush=True,
             )

@@ -138,7 +138,7 @@ def main(args: argparse.Namespace) -> None:
     result = trainer.fit()
     rayrate = result.metrics["images_per_s"]
     print(
-        f"Ray Train ({scaling.num_workers} worker x {scaling.cpus_per_worker} CPU): "
+        f"Ray Train ({scaling.max_workers} worker x {scaling.cpus_per_worker} CPU): "
         f"{rayrate:.1f} images/s",
         flush=True,
     )

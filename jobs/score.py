@@ -33,12 +33,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", required=True, help="Parquet output folder or s3:// prefix")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=None, help="model actors")
+    parser.add_argument(
+        "--num-workers",
+        default=None,
+        metavar="N|MIN-MAX",
+        help="model actors: N, or MIN-MAX for a pool that grows as the autoscaler adds nodes "
+        "(default: one per GPU up now, else one per node)",
+    )
     parser.add_argument(
         "--use-gpu",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="default: GPUs when the cluster has them",
+        help="score on GPUs, asking the autoscaler for GPU nodes when none is up "
+        "(default: GPUs when the cluster has them now)",
+    )
+    parser.add_argument(
+        "--decode",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="JPEG decode: cpu (Ray Data tasks) or gpu (nvJPEG in the model actors, CPU "
+        "fallback for PNG, DICOM and refused files); auto: gpu when scoring on GPUs",
     )
     parser.add_argument(
         "--rescore", action="store_true", help="score every image again, not only new ones"
@@ -60,6 +74,7 @@ def main(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
+        decode=args.decode,
         rescore=args.rescore,
         threads_per_actor=args.threads_per_actor,
     )

@@ -72,12 +72,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument(
+        "--num-workers",
+        default=None,
+        metavar="N|MIN-MAX",
+        help="Ray Train workers: N, or MIN-MAX for elastic training that grows as the "
+        "autoscaler adds nodes (default: one per GPU up now, else 1)",
+    )
     parser.add_argument(
         "--use-gpu",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="default: GPUs when the cluster has them",
+        help="train on GPUs, asking the autoscaler for GPU nodes when none is up "
+        "(default: GPUs when the cluster has them now)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="autocast precision (auto: bf16 on GPUs that support it, fp32 on CPU)",
     )
     parser.add_argument("--cpus-per-worker", type=int, default=None)
     parser.add_argument(
@@ -129,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
+        precision=args.precision,
         cpus_per_worker=args.cpus_per_worker,
         storage_path=args.storage_path,
         max_failures=args.max_failures,

@@ -34,8 +34,8 @@ from pneumo_ray import stores
 from pneumo_ray.images import to_model_input
 from pneumo_ray.labels import BINARY_LABELS, CLASS_LABELS
 from pneumo_ray.models import ChestCNN, ConvAutoencoder, KnnReference, binary_cnn, multiclass_cnn
-from pneumo_ray.models.anomaly import NormalReference, autoencoder_outputs
-from pneumo_ray.models.knn import multiclass_outputs, select_features
+from pneumo_ray.models.anomaly import NormalReference
+from pneumo_ray.models.knn import select_features
 
 BUNDLE_FORMAT = "pneumo_ray.bundle/1"
 CARD = "card.json"
@@ -117,25 +117,37 @@ class Bundle:
     def device(self) -> torch.device:
         return next(self.binary.parameters()).device
 
+    @property
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {
+            "binary": self.binary,
+            "multiclass": self.multiclass,
+            "autoencoder": self.autoencoder,
+        }
+
     @torch.inference_mode()
-    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """All four models on one batch of decoded uint8 images ``(B, S, S)``.
+    def predict(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """All four models on one batch of decoded uint8 images ``(B, S, S)`` (numpy, or a
+        tensor already on the bundle's device).
 
         Returns one array per output column (see the scoring job's Parquet schema).
         """
+        from pneumo_ray.predict import network_outputs
+
         x = to_model_input(images).to(self.device)  # (B, 1, S, S)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        p_pneumonia = torch.sigmoid(self.binary(x)).float().cpu().numpy()
-        probs, embedding = multiclass_outputs(self.multiclass, x)
-        probs, embedding = probs.float().cpu().numpy(), embedding.float().cpu().numpy()
-        mse, code = autoencoder_outputs(self.autoencoder, x)
-        mse = mse.float().cpu().numpy()
+        return self.finish(network_outputs(self.networks, x))
+
+    def finish(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The networks' raw outputs -> the bundle's output columns: thresholds, the KNN's
+        label and neighbours, and the anomaly score the card names."""
+        p_pneumonia, probs, mse = raw["p_pneumonia"], raw["probs"], raw["ae_mse"]
         if self.anomaly_score_kind == "latent":
-            anomaly = self.normal_reference.score(code.float().cpu().numpy())
+            anomaly = self.normal_reference.score(raw["ae_code"])
         else:
             anomaly = mse
-        knn_features = select_features(probs, embedding, self.knn.feature_kind)
+        knn_features = select_features(probs, raw["embedding"], self.knn.feature_kind)
         neighbour_uris, distances = self.knn.neighbours(knn_features)
         return {
             "p_pneumonia": p_pneumonia.astype(np.float32),
@@ -236,7 +248,9 @@ def load_bundle(uri: str, device: torch.device | str = "cpu") -> Bundle:
     }
     for name, model in models.items():
         data = _verified(uri, WEIGHT_FILES[name], card)
-        model.load_state_dict(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
+        # map_location: weights saved from any device (a GPU worker's) load on this one.
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        model.load_state_dict(state)
         if torch.device(device).type == "cpu":
             model.to(memory_format=torch.channels_last)
     knn = KnnReference.from_table(pq.read_table(io.BytesIO(_verified(uri, KNN_FILE, card))))

@@ -12,10 +12,43 @@ from pneumo_ray.models.knn import FEATURE_KINDS
 
 BINARY_THRESHOLD_RULES = ("sensitivity", "youden")
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
     """A setting out of range; the message names the command-line flag."""
+
+
+def parse_worker_range(text: str | int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``--num-workers``: ``N`` (fixed) or ``MIN-MAX`` (elastic) -> (min, max); None stays None.
+
+    A range lets Ray Train start with MIN workers and grow to MAX as the autoscaler adds
+    nodes, and lets the scoring job's actor pool do the same.
+    """
+    if text is None:
+        return None
+    if isinstance(text, tuple):
+        low, high = text
+    elif isinstance(text, int):
+        low = high = text
+    else:
+        parts = str(text).strip().split("-")
+        try:
+            low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+        except ValueError:
+            low, high = 0, -1
+        if len(parts) > 2 or low < 1 or high < low:
+            raise ConfigError(
+                f"--num-workers must be N or MIN-MAX with 1 <= MIN <= MAX; got {text!r}"
+            )
+    if low < 1 or high < low:
+        raise ConfigError(f"--num-workers must be N or MIN-MAX with 1 <= MIN <= MAX; got {text!r}")
+    return low, high
+
+
+def worker_range_text(workers: tuple[int, int]) -> str:
+    low, high = workers
+    return str(low) if low == high else f"{low}-{high}"
 
 
 @dataclass
@@ -54,10 +87,15 @@ class TrainConfig:
     """Share of training patients held out for validation (--val-fraction)."""
     seed: int = 0
     """Seed of the patient split, the row order and the networks' initialisation (--seed)."""
-    num_workers: int | None = None
-    """Ray Train workers; None: one per GPU, or one CPU worker (--num-workers)."""
+    num_workers: tuple[int, int] | None = None
+    """Ray Train workers as (min, max), from N or MIN-MAX (elastic); None: one per GPU up now,
+    or one CPU worker (--num-workers)."""
     use_gpu: bool | None = None
-    """Train on GPUs; None: when the cluster has one (--use-gpu/--no-use-gpu)."""
+    """Train on GPUs, asking the autoscaler for them if none is up; None: when the cluster
+    has one now (--use-gpu/--no-use-gpu)."""
+    precision: str = "auto"
+    """Training arithmetic: fp32, bf16 or fp16 autocast; auto: bf16 on GPUs that support it,
+    else fp32 (--precision)."""
     cpus_per_worker: int | None = None
     """CPUs each training worker reserves; None: a whole node's CPUs, split among its
     workers (--cpus-per-worker)."""
@@ -110,8 +148,11 @@ class TrainConfig:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.num_workers is not None and self.num_workers < 1:
-            raise ConfigError(f"--num-workers must be at least 1, got {self.num_workers}")
+        self.num_workers = parse_worker_range(self.num_workers)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
+            )
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ConfigError(f"--cpus-per-worker must be at least 1, got {self.cpus_per_worker}")
         if self.knn_k is not None and self.knn_k < 1:
@@ -146,10 +187,13 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def run_key(self, network: str) -> str:
-        """Name of a network's Ray Train run: the same settings resume the same run."""
+    def run_key(self, network: str, data_fingerprint: dict | None = None) -> str:
+        """Name of a network's Ray Train run: the same settings on the same data resume the
+        same run. ``data_fingerprint`` (URIs, sizes, mtimes of the training and validation
+        images) makes changed data at the same URI a new run rather than a resumed one."""
         identity = {
             "data": self.data,
+            "data_fingerprint": data_fingerprint,
             "image_size": self.image_size,
             "batch_size": self.batch_size,
             "limit": self.limit,

@@ -58,6 +58,22 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
     return {**batch, "image": images, "error": np.array(errors, dtype=object)}
 
 
+def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data batch function for GPU decode: add the files' bytes (``image_data``) and
+    ``error`` ("" when read); the model actor decodes. Never raises, like ``decode_batch``."""
+    uris = batch["image_uri"]
+    blobs: list[bytes] = [b""] * len(uris)
+    errors = [""] * len(uris)
+    for i, uri in enumerate(uris):
+        try:
+            blobs[i] = stores.read_bytes(str(uri))
+        except (stores.StoreError, OSError) as exc:
+            errors[i] = str(exc)
+    data = np.empty(len(uris), dtype=object)
+    data[:] = blobs
+    return {**batch, "image_data": data, "error": np.array(errors, dtype=object)}
+
+
 def _drop_failed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     ok = batch["error"] == ""
     return {key: value[ok] for key, value in batch.items() if key != "error"}
@@ -84,7 +100,7 @@ def list_store(uri: str) -> list[LabelledImage]:
             continue  # README files, manifests, other folders: not part of the layout
         if relative[1].upper() not in CLASS_DIRS:
             raise LabelError(f"{entry.uri}: class folder must be NORMAL or PNEUMONIA")
-        images.append(label_from_path(entry.uri, relative[0], entry.size))
+        images.append(label_from_path(entry.uri, relative[0], entry.size, entry.mtime_ns))
     train = Counter(image.label for image in images if image.split in ("train", "val"))
     for label in CLASS_LABELS:
         if not train[label]:
@@ -97,10 +113,11 @@ def list_store(uri: str) -> list[LabelledImage]:
 
 
 def fingerprint(images: Sequence[LabelledImage]) -> dict:
-    """A stable summary of the data a model was trained on: URIs and sizes, hashed."""
+    """A stable summary of the data a model was trained on: URIs, sizes and modification
+    times, hashed (a file rewritten in place changes it)."""
     digest = hashlib.sha256()
     for image in sorted(images, key=lambda i: i.uri):
-        digest.update(f"{image.uri}\t{image.size}\n".encode())
+        digest.update(f"{image.uri}\t{image.size}\t{image.mtime_ns}\n".encode())
     counts = Counter(image.label for image in images)
     return {
         "images": len(images),

@@ -24,6 +24,7 @@ from pneumo_ray import data, report, stores
 from pneumo_ray.bundle import Bundle, load_bundle
 from pneumo_ray.images import to_model_input
 from pneumo_ray.labels import BINARY_LABELS, CLASS_LABELS, patient_id
+from pneumo_ray.predict import ActorPlan, plan_actors, run_models
 
 # The figures that get a confidence interval, per model.
 HEADLINE = {
@@ -49,18 +50,14 @@ class Evaluation:
 
 
 def predict_dataset(
-    bundle: Bundle, dataset: ray.data.Dataset, batch_size: int = 128
+    bundle: Bundle, dataset: ray.data.Dataset, plan: ActorPlan | None = None
 ) -> dict[str, np.ndarray]:
     """The bundle's outputs for every row of a decoded, labelled dataset (plus image_uri,
-    label)."""
-    columns: dict[str, list] = {}
-    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        out = bundle.predict(batch["image"])
-        out["image_uri"] = batch["image_uri"]
-        out["label"] = np.asarray(CLASS_LABELS)[batch["label_index"]]
-        for key, value in out.items():
-            columns.setdefault(key, []).append(value)
-    return {key: np.concatenate(parts) for key, parts in columns.items()}
+    label), from model actors on the cluster: the scoring job's prediction path."""
+    plan = plan or plan_actors(None, None)
+    out = run_models(dataset, bundle, plan, outputs="bundle")
+    out["label"] = np.asarray(CLASS_LABELS)[out.pop("label_index")]
+    return out
 
 
 _CLASS_SORTER = np.argsort(np.asarray(CLASS_LABELS))
@@ -192,10 +189,13 @@ def evaluate_predictions(
 
 
 def evaluate_bundle(
-    bundle: Bundle, dataset: ray.data.Dataset, replicates: int = BOOTSTRAP_REPLICATES
+    bundle: Bundle,
+    dataset: ray.data.Dataset,
+    replicates: int = BOOTSTRAP_REPLICATES,
+    plan: ActorPlan | None = None,
 ) -> Evaluation:
     """Score a decoded, labelled dataset with all four models and compute their metrics."""
-    return evaluate_predictions(bundle, predict_dataset(bundle, dataset), replicates)
+    return evaluate_predictions(bundle, predict_dataset(bundle, dataset, plan), replicates)
 
 
 MODEL_TITLES = {

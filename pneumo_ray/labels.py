@@ -41,6 +41,7 @@ class LabelledImage:
     label: str  # one of CLASS_LABELS
     patient_id: str
     size: int  # bytes, from the listing; part of the training-data fingerprint
+    mtime_ns: int | None = None  # modification time, from the listing; in the fingerprint too
 
     @property
     def is_pneumonia(self) -> bool:
@@ -81,7 +82,7 @@ def binary_label(label: str) -> str:
     return "normal" if label == "normal" else "pneumonia"
 
 
-def label_from_path(uri: str, split: str, size: int) -> LabelledImage:
+def label_from_path(uri: str, split: str, size: int, mtime_ns: int | None = None) -> LabelledImage:
     """Label one image from its URI, whose last two parts are ``<CLASS>/<file>``."""
     parts = uri.rstrip("/").split("/")
     if len(parts) < 2:
@@ -93,6 +94,7 @@ def label_from_path(uri: str, split: str, size: int) -> LabelledImage:
         label=class_label(class_dir, filename),
         patient_id=patient_id(filename),
         size=size,
+        mtime_ns=mtime_ns,
     )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
-import torch
+import ray
 from sklearn.metrics import roc_auc_score
 
 from pneumo_ray import data, report
@@ -15,11 +16,26 @@ from pneumo_ray.bundle import NORMAL_REFERENCE_FILE, Bundle, write_bundle
 from pneumo_ray.config import TrainConfig
 from pneumo_ray.evaluation import evaluate_bundle, log, results_table, write_report
 from pneumo_ray.images import PREPROCESSING
-from pneumo_ray.labels import BINARY_LABELS, CLASS_LABELS, limit_per_class, split_by_patient
+from pneumo_ray.labels import (
+    BINARY_LABELS,
+    CLASS_LABELS,
+    LabelledImage,
+    limit_per_class,
+    split_by_patient,
+)
 from pneumo_ray.models import KnnReference
 from pneumo_ray.models.anomaly import ANOMALY_SCORES, SCORE_DESCRIPTIONS, NormalReference
 from pneumo_ray.models.knn import FEATURE_KINDS, KNN_K_CANDIDATES, select_features
-from pneumo_ray.train import class_weights, collect_outputs, decide_scaling, fit_network
+from pneumo_ray.predict import ActorPlan, Networks, plan_actors, run_models
+from pneumo_ray.runtime import check_shared_storage
+from pneumo_ray.train import (
+    NETWORKS,
+    Scaling,
+    TrainedNetwork,
+    class_weights,
+    decide_scaling,
+    fit_network,
+)
 
 
 def _choose_knn(
@@ -104,12 +120,51 @@ def _choose_anomaly_score(
     return reference, chosen, scores
 
 
-def run_training(config: TrainConfig) -> dict:
-    """Train the four models on ``config.data`` and write the bundle to ``config.output``.
+@dataclass
+class Splits:
+    """The listed and decoded splits a training run works on."""
 
-    Returns the card as written.
-    """
-    started = time.perf_counter()
+    train_images: list[LabelledImage]
+    val_images: list[LabelledImage]
+    test_images: list[LabelledImage]
+    train: data.DecodedSplit
+    val: data.DecodedSplit
+    test: data.DecodedSplit
+    normal_train: ray.data.Dataset  # the autoencoder's training images
+    counts: Counter  # training images per three-class label
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return self.train.failed + self.val.failed + self.test.failed
+
+    @property
+    def training_fingerprint(self) -> dict:
+        """What the networks learn from: the run key resumes only runs on the same data."""
+        return {
+            "train": data.fingerprint(self.train_images)["sha256"],
+            "val": data.fingerprint(self.val_images)["sha256"],
+        }
+
+
+@dataclass
+class References:
+    """What the training job fits on the networks' outputs: thresholds, KNN, normal set."""
+
+    binary_threshold: float
+    binary_rule: dict
+    knn: KnnReference
+    knn_val_accuracy: dict
+    normal_reference: NormalReference
+    anomaly_kind: str
+    anomaly_scores: dict
+
+    @property
+    def anomaly_threshold(self) -> float:
+        return self.anomaly_scores[self.anomaly_kind]["threshold"]
+
+
+def list_and_decode(config: TrainConfig) -> Splits:
+    """List and label the store, split by patient, decode every split with Ray Data."""
     log(f"listing {config.data}")
     images = data.list_store(config.data)
     pool = limit_per_class(
@@ -121,17 +176,14 @@ def run_training(config: TrainConfig) -> dict:
         f"{len(train_images)} training, {len(val_images)} validation images "
         f"({len({i.patient_id for i in val_images})} patients held out), {len(test_images)} test"
     )
-
     log(f"decoding at {config.image_size}x{config.image_size} with Ray Data")
     train = data.decode_split(train_images, config.image_size, config.seed)
     val = data.decode_split(val_images, config.image_size, config.seed + 1)
     test = data.decode_split(test_images, config.image_size, config.seed + 2)
-    skipped = train.failed + val.failed + test.failed
-    for uri, why in skipped:
+    for uri, why in train.failed + val.failed + test.failed:
         log(f"skipped unreadable image {uri}: {why}")
     if not train.count or not val.count:
         raise ValueError(f"{config.data}: no usable training or validation images")
-
     counts = Counter(
         CLASS_LABELS[i]
         for batch in train.dataset.select_columns(["label_index"]).iter_batches(
@@ -139,41 +191,67 @@ def run_training(config: TrainConfig) -> dict:
         )
         for i in batch["label_index"]
     )
+    return Splits(
+        train_images,
+        val_images,
+        test_images,
+        train,
+        val,
+        test,
+        data.normal_only(train),
+        counts,
+    )
+
+
+def loss_weights(counts: Counter) -> dict[str, list[float]]:
+    """Inverse-frequency class weights of the binary and three-class losses."""
     binary_counts = {"normal": counts["normal"], "pneumonia": counts["bacterial"] + counts["viral"]}
-    weights = {
+    return {
         "binary": class_weights(binary_counts, BINARY_LABELS),
         "multiclass": class_weights(dict(counts), CLASS_LABELS),
     }
-    log(f"training class counts {dict(counts)}; class weights {weights}")
 
-    scaling = decide_scaling(config)
-    log(
-        f"Ray Train: {scaling.num_workers} worker(s), {scaling.cpus_per_worker} CPU each"
-        f"{', 1 GPU each' if scaling.use_gpu else ''}"
-    )
+
+def fit_networks(
+    config: TrainConfig, splits: Splits, scaling: Scaling, weights: dict
+) -> dict[str, TrainedNetwork]:
+    """Train the three networks, one TorchTrainer run each (the autoencoder on normals)."""
+    fingerprint = splits.training_fingerprint
     trained = {}
     for name in ("binary", "multiclass"):
         trained[name] = fit_network(
-            name, config, scaling, train.dataset, val.dataset, weights[name]
-        )
-    normal_train = data.normal_only(train)
+            name, config, scaling, splits.train.dataset, splits.val.dataset, weights[name],
+            fingerprint,
+        )  # fmt: skip
     trained["autoencoder"] = fit_network(
-        "autoencoder", config, scaling, normal_train, data.normal_only(val), None
-    )
-    models = {name: network.model(config.image_size) for name, network in trained.items()}
-    for model in models.values():
-        model.to(memory_format=torch.channels_last)
+        "autoencoder", config, scaling, splits.normal_train, data.normal_only(splits.val), None,
+        fingerprint,
+    )  # fmt: skip
+    return trained
 
-    log("choosing thresholds and KNN features on validation")
-    val_out = collect_outputs(models, val.dataset)
-    train_out = collect_outputs({"multiclass": models["multiclass"]}, train.dataset)
-    normal_train_out = collect_outputs({"autoencoder": models["autoencoder"]}, normal_train)
+
+def fit_references(
+    config: TrainConfig, trained: dict[str, TrainedNetwork], splits: Splits, plan: ActorPlan
+) -> References:
+    """Run the trained networks over validation and the training images in model actors on
+    the cluster; choose the thresholds and fit the KNN and the normal reference."""
+    log(f"choosing thresholds and KNN features on validation ({plan.describe()})")
+
+    def networks(*names: str) -> Networks:
+        return Networks(config.image_size, {name: trained[name].state_dict for name in names})
+
+    val_out = run_models(splits.val.dataset, networks(*NETWORKS), plan)
+    train_out = run_models(splits.train.dataset, networks("multiclass"), plan)
+    normal_train_out = run_models(splits.normal_train, networks("autoencoder"), plan)
     binary_threshold, binary_rule = _binary_threshold(config, val_out)
     knn, knn_val_accuracy = _choose_knn(config, train_out, val_out)
     normal_reference, anomaly_kind, anomaly_scores = _choose_anomaly_score(
         config, normal_train_out, val_out
     )
-    anomaly_threshold = anomaly_scores[anomaly_kind]["threshold"]
+    references = References(
+        binary_threshold, binary_rule, knn, knn_val_accuracy, normal_reference, anomaly_kind,
+        anomaly_scores,
+    )  # fmt: skip
     log(
         f"binary threshold {binary_threshold:.4f} (validation {binary_rule['validation']}); "
         f"anomaly score {anomaly_kind} (validation AUC "
@@ -181,8 +259,21 @@ def run_training(config: TrainConfig) -> dict:
         + f"); KNN on {knn.feature_kind} with k={knn.k} (validation accuracy "
         + f"{knn_val_accuracy[knn.feature_kind][str(knn.k)]:.3f})"
     )
+    return references
 
-    card = {
+
+def build_card(
+    config: TrainConfig,
+    splits: Splits,
+    trained: dict[str, TrainedNetwork],
+    references: References,
+    weights: dict,
+    scaling: Scaling,
+) -> dict:
+    """The bundle's card before it is written (write_bundle adds files, versions, the
+    model version): what each model is, how its thresholds were chosen, how it trained."""
+    knn, anomaly_kind = references.knn, references.anomaly_kind
+    return {
         "image_size": config.image_size,
         "preprocessing": PREPROCESSING,
         "models": {
@@ -191,8 +282,8 @@ def run_training(config: TrainConfig) -> dict:
                 "architecture": "binary_cnn",
                 "labels": list(BINARY_LABELS),
                 "output": "sigmoid: p_pneumonia",
-                "threshold": binary_threshold,
-                **binary_rule,
+                "threshold": references.binary_threshold,
+                **references.binary_rule,
                 "best_epoch": trained["binary"].best_epoch,
             },
             "multiclass": {
@@ -208,7 +299,7 @@ def run_training(config: TrainConfig) -> dict:
                 "k": knn.k,
                 "feature_kind": knn.feature_kind,
                 "metric": "euclidean",
-                "validation_accuracy": knn_val_accuracy,
+                "validation_accuracy": references.knn_val_accuracy,
                 "feature_rule": (
                     f"--knn-features {config.knn_features}"
                     + (": better validation accuracy" if config.knn_features == "auto" else "")
@@ -229,58 +320,100 @@ def run_training(config: TrainConfig) -> dict:
                     f"--anomaly-score {config.anomaly_score}"
                     + (": higher validation ROC AUC" if config.anomaly_score == "auto" else "")
                 ),
-                "threshold": anomaly_threshold,
+                "threshold": references.anomaly_threshold,
                 "threshold_rule": (
                     f"{config.anomaly_percentile:g}th percentile of the scores of "
                     "normal validation images"
                 ),
-                "scores": anomaly_scores,
+                "scores": references.anomaly_scores,
                 "normal_reference": {
                     "file": NORMAL_REFERENCE_FILE,
-                    "k": normal_reference.k,
-                    "images": len(normal_reference.uris),
+                    "k": references.normal_reference.k,
+                    "images": len(references.normal_reference.uris),
                 },
                 "best_epoch": trained["autoencoder"].best_epoch,
             },
         },
         "training": {
             "config": config.to_dict(),
-            "class_counts": dict(counts),
+            "class_counts": dict(splits.counts),
             "class_weights": weights,
             "imbalance": "inverse-frequency class weights in the binary and three-class losses",
             "scaling": vars(scaling),
+            "precision": config.precision,
             "worker_nodes": {name: network.worker_nodes for name, network in trained.items()},
             "history": {name: network.history for name, network in trained.items()},
-            "skipped_images": [{"image_uri": u, "error": e} for u, e in skipped],
+            "skipped_images": [{"image_uri": u, "error": e} for u, e in splits.skipped],
         },
         "data_fingerprint": {
             "store": config.data,
-            "train": data.fingerprint(train_images),
-            "val": data.fingerprint(val_images),
-            "test": data.fingerprint(test_images),
+            "train": data.fingerprint(splits.train_images),
+            "val": data.fingerprint(splits.val_images),
+            "test": data.fingerprint(splits.test_images),
         },
     }
-    bundle = Bundle(card, knn=knn, normal_reference=normal_reference, **models)
 
+
+def evaluate_and_write(
+    config: TrainConfig,
+    bundle: Bundle,
+    splits: Splits,
+    trained: dict[str, TrainedNetwork],
+    plan: ActorPlan,
+) -> dict:
+    """Evaluate the bundle on the test split (model actors on the cluster), then write it
+    with its report; returns the card as written."""
     log("evaluating on the test split")
-    evaluation = evaluate_bundle(bundle, test.dataset)
+    evaluation = evaluate_bundle(bundle, splits.test.dataset, plan=plan)
+    card = bundle.card
     card["metrics"] = {"test": evaluation.metrics, "bootstrap": evaluation.bootstrap}
     with tempfile.TemporaryDirectory() as report_dir:
         write_report(
             evaluation,
             bundle,
-            test.dataset,
+            splits.test.dataset,
             report_dir,
             histories={name: network.history for name, network in trained.items()},
             extra={
                 "skipped_images": card["training"]["skipped_images"],
-                "thresholds": {"binary": binary_threshold, "anomaly": anomaly_threshold},
-                "anomaly_score": anomaly_kind,
+                "thresholds": {
+                    "binary": bundle.binary_threshold,
+                    "anomaly": bundle.anomaly_threshold,
+                },
+                "anomaly_score": bundle.anomaly_score_kind,
             },
         )
         card = write_bundle(bundle, config.output, report_dir)
-
     print("\n" + results_table(evaluation.metrics), flush=True)
+    return card
+
+
+def run_training(config: TrainConfig) -> dict:
+    """Train the four models on ``config.data`` and write the bundle to ``config.output``.
+
+    Returns the card as written.
+    """
+    started = time.perf_counter()
+    nodes = check_shared_storage(
+        read=[("--data", config.data)],
+        write=[("--output", config.output), ("--storage-path", config.storage_path)],
+    )
+    if nodes > 1:
+        log(f"shared storage: every local location is visible from all {nodes} nodes")
+    splits = list_and_decode(config)
+    weights = loss_weights(splits.counts)
+    log(f"training class counts {dict(splits.counts)}; class weights {weights}")
+    scaling = decide_scaling(config)
+    log(f"Ray Train: {scaling.describe()}; precision {config.precision}")
+    trained = fit_networks(config, splits, scaling, weights)
+    plan = plan_actors(config.num_workers, scaling.use_gpu)
+    references = fit_references(config, trained, splits, plan)
+    models = {name: network.model(config.image_size) for name, network in trained.items()}
+    card = build_card(config, splits, trained, references, weights, scaling)
+    bundle = Bundle(
+        card, knn=references.knn, normal_reference=references.normal_reference, **models
+    )
+    card = evaluate_and_write(config, bundle, splits, trained, plan)
     log(f"bundle {card['model_version']} written to {config.output}")
     log(f"report: {config.output.rstrip('/')}/report/ (metrics.json and PNG plots)")
     log(f"done in {time.perf_counter() - started:.0f}s")

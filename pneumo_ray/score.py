@@ -28,12 +28,13 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-import torch
 
 from pneumo_ray import stores
-from pneumo_ray.bundle import load_bundle, read_card
-from pneumo_ray.config import ConfigError
-from pneumo_ray.data import decode_batch
+from pneumo_ray.bundle import read_card
+from pneumo_ray.config import ConfigError, parse_worker_range
+from pneumo_ray.data import decode_batch, read_batch
+from pneumo_ray.predict import DECODE_MODES, ModelActor, plan_actors, select_rows
+from pneumo_ray.runtime import check_shared_storage
 
 SCORABLE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
@@ -80,10 +81,15 @@ class ScoreConfig:
     """Parquet output folder or s3:// prefix (--output)."""
     batch_size: int = 64
     """Images per model batch (--batch-size)."""
-    num_workers: int | None = None
-    """Model actors; None: one per GPU, else one per node (--num-workers)."""
+    num_workers: tuple[int, int] | None = None
+    """Model actors as (min, max), from N or MIN-MAX (an autoscaling pool); None: one per GPU
+    up now, else one per node (--num-workers)."""
     use_gpu: bool | None = None
-    """Run the models on GPUs; None: when the cluster has them (--use-gpu/--no-use-gpu)."""
+    """Run the models on GPUs, asking the autoscaler for them if none is up; None: when the
+    cluster has them now (--use-gpu/--no-use-gpu)."""
+    decode: str = "auto"
+    """Where JPEGs are decoded: cpu (Ray Data tasks), gpu (nvJPEG in the model actors; the
+    tasks only read bytes), auto: gpu when the models run on GPUs (--decode)."""
     rescore: bool = False
     """Score every listed image again, not only new ones (--rescore)."""
     threads_per_actor: int | None = None
@@ -94,8 +100,11 @@ class ScoreConfig:
             raise ConfigError("give at least one --input")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.num_workers is not None and self.num_workers < 1:
-            raise ConfigError(f"--num-workers must be at least 1, got {self.num_workers}")
+        self.num_workers = parse_worker_range(self.num_workers)
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(
+                f"--decode must be one of {', '.join(DECODE_MODES)}; got {self.decode!r}"
+            )
 
 
 # --- listing ---------------------------------------------------------------------------------
@@ -254,23 +263,18 @@ def already_scored(output: str) -> set[tuple[str, int, int | None]]:
 # --- the model actors ------------------------------------------------------------------------
 
 
-class BundlePredictor:
-    """Loads the bundle once per actor; scores decoded batches with all four models."""
+class BundlePredictor(ModelActor):
+    """The scoring job's model actor: all four models of a bundle, rows in the Parquet schema
+    (a bad image becomes a row with its error and null scores)."""
 
-    def __init__(self, bundle_uri: str, use_gpu: bool, threads: int) -> None:
-        torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.bundle = load_bundle(bundle_uri, self.device)
-        self.node = ray.get_runtime_context().get_node_id()
-        print(
-            f"[pneumo_ray.score] model actor ready on node {self.node} ({self.device})", flush=True
-        )
+    def __init__(self, bundle_uri: str, use_gpu: bool, threads: int, gpu_decode: bool) -> None:
+        super().__init__(bundle_uri, "bundle", use_gpu, threads, gpu_decode=gpu_decode)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        errors = batch["error"]
-        ok = errors == ""
+        images, errors = self.images(batch)
+        ok = np.array([not e for e in errors], dtype=bool)
         n = len(errors)
-        predictions = self.bundle.predict(batch["image"][ok]) if ok.any() else {}
+        predictions = self.bundle.predict(select_rows(images, ok)) if ok.any() else {}
         index = np.flatnonzero(ok)
 
         def column(name: str, arrow_type: pa.DataType) -> pa.Array:
@@ -297,33 +301,6 @@ class BundlePredictor:
             if name not in columns:
                 columns[name] = column(name, OUTPUT_SCHEMA.field(name).type)
         return pa.table([columns[name] for name in OUTPUT_SCHEMA.names], schema=OUTPUT_SCHEMA)
-
-
-@dataclass
-class ActorPlan:
-    actors: int
-    use_gpu: bool
-    threads: int
-
-
-def plan_actors(config: ScoreConfig) -> ActorPlan:
-    """Actor count and torch threads from the flags and what the cluster has.
-
-    A CPU actor reserves one logical CPU, leaving the rest of its node to the decode tasks;
-    its torch threads use the node's cores shared among its actors, since decoding (Pillow
-    draft mode) takes a small share of a core per image next to the three networks.
-    """
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
-    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-    if config.num_workers is not None:
-        actors = config.num_workers
-    else:
-        actors = max(1, gpus) if use_gpu else max(1, len(nodes))
-    cpus = [int(n["Resources"].get("CPU", 1)) for n in nodes] or [1]
-    threads = config.threads_per_actor or max(1, min(cpus) // max(1, math.ceil(actors / len(cpus))))
-    return ActorPlan(actors, use_gpu, 1 if use_gpu else threads)
 
 
 # --- the job ---------------------------------------------------------------------------------
@@ -365,6 +342,12 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     card = read_card(config.model)  # fail fast, before any listing, on a wrong --model
     image_size = int(card["image_size"])
     summary = ScoreSummary(output=config.output)
+    nodes = check_shared_storage(
+        read=[("--model", config.model), *(("--input", uri) for uri in config.inputs)],
+        write=[("--output", config.output)],  # the staging folder lives under it
+    )
+    if nodes > 1:
+        log(f"shared storage: every local location is visible from all {nodes} nodes")
     recover(config.output)
 
     log(f"listing {', '.join(config.inputs)}")
@@ -380,10 +363,10 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     if not todo:
         return summary
 
-    plan = plan_actors(config)
+    plan = plan_actors(config.num_workers, config.use_gpu, config.threads_per_actor)
+    gpu_decode = config.decode == "gpu" or (config.decode == "auto" and plan.use_gpu)
     log(
-        f"{plan.actors} model actor(s) on {'GPU' if plan.use_gpu else 'CPU'}"
-        f"{'' if plan.use_gpu else f' with {plan.threads} torch threads each'}, "
+        f"{plan.describe()}, JPEG decode on {'GPU (nvJPEG)' if gpu_decode else 'CPU'}, "
         f"model {card.get('model_version')}"
     )
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -396,13 +379,14 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     dataset = (
         ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / DECODE_BATCH)))
         .map_batches(
-            decode_batch,
-            fn_kwargs={"image_size": image_size},
+            read_batch if gpu_decode else decode_batch,
+            fn_kwargs={} if gpu_decode else {"image_size": image_size},
             batch_size=DECODE_BATCH,
             batch_format="numpy",
             # Half a CPU each: decoding is light next to the models, and a resource shape
             # unlike the actors' keeps Ray Data from fusing it into them (decode stays in
-            # parallel CPU tasks, the actors only run models).
+            # parallel CPU tasks, the actors only run models). With GPU decode these tasks
+            # only read bytes.
             num_cpus=DECODE_CPUS,
         )
         .map_batches(
@@ -411,13 +395,11 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
                 "bundle_uri": config.model,
                 "use_gpu": plan.use_gpu,
                 "threads": plan.threads,
+                "gpu_decode": gpu_decode,
             },
             batch_size=config.batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=plan.actors),
-            num_cpus=0 if plan.use_gpu else 1,
-            num_gpus=1 if plan.use_gpu else 0,
-            scheduling_strategy="SPREAD",  # one actor per node before two on one
+            **plan.map_kwargs(),
         )
     )
     # Start scoring once every model actor has its bundle loaded, so the work spreads over all
@@ -448,6 +430,7 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
         "model_version": card.get("model_version"),
         "inputs": config.inputs,
         "rescore": config.rescore,
+        "decode": "gpu" if gpu_decode else "cpu",
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
     }
     stores.write_bytes(_run_marker(config.output, run_id), json.dumps(marker).encode())

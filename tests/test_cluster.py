@@ -250,6 +250,37 @@ def test_training_and_scoring_spread_over_two_nodes(two_nodes, subset_store, tmp
     }
     assert ready == cluster_nodes, ready
     assert set(df["scored_on"]) <= ready
+    # Both jobs checked their local locations from every node before any work.
+    assert "visible from all 2 nodes" in result.stdout + result.stderr
+
+
+def test_a_local_output_some_nodes_cannot_see_is_refused(two_nodes, trained, tmp_path, job_env):
+    """The driver runs in a mount namespace of its own, with a private tmpfs over the output
+    folder: what it writes there, no node sees, as with a local disk on a real cluster."""
+    bundle, _ = trained
+    private = tmp_path / "private_out"
+    private.mkdir()
+    command = " ".join(
+        [
+            f"mount -t tmpfs tmpfs {private} &&",
+            f"exec {sys.executable} {REPO / 'jobs' / 'score.py'}",
+            f"--model {bundle} --input {CHEST_XRAY / 'test' / 'NORMAL'}",
+            f"--output {private / 'scores'} --address {two_nodes.address}",
+        ]
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
+        cwd=REPO,
+        env=job_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"score.py: error: --output {private / 'scores'}: a local path that")
+    assert "2 of the cluster's 2 nodes cannot see" in last and "s3://" in last
+    assert not (private / "scores").exists()  # outside the namespace: nothing was written
 
 
 def _kill_when(match: str, ready, timeout: float = 300) -> int:

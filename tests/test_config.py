@@ -45,3 +45,37 @@ def test_knn_k_flag_takes_auto_or_a_number(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--data", "/s", "--output", "/o", "--knn-k", "many"])
     assert "expected auto or a whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("3", (3, 3)), ("1-4", (1, 4)), (2, (2, 2)), (None, None)]
+)
+def test_num_workers_takes_a_count_or_a_range(text, expected):
+    assert config(num_workers=text).num_workers == expected
+
+
+@pytest.mark.parametrize("text", ["0", "4-2", "0-3", "a-b", "1-2-3", "-1"])
+def test_bad_worker_counts_name_the_flag(text):
+    with pytest.raises(ConfigError, match="--num-workers"):
+        config(num_workers=text)
+    from pneumo_ray.score import ScoreConfig
+
+    with pytest.raises(ConfigError, match="--num-workers"):
+        ScoreConfig(model="/m", inputs=["/i"], output="/o", num_workers=text)
+
+
+def test_bad_precision_and_decode_name_their_flags():
+    from pneumo_ray.score import ScoreConfig
+
+    with pytest.raises(ConfigError, match="--precision"):
+        config(precision="fp8")
+    with pytest.raises(ConfigError, match="--decode"):
+        ScoreConfig(model="/m", inputs=["/i"], output="/o", decode="fpga")
+
+
+def test_changed_data_at_the_same_uri_is_a_new_run():
+    base = config()
+    before = {"train": "aaa", "val": "bbb"}
+    after = {"train": "aaa-rewritten", "val": "bbb"}
+    assert base.run_key("binary", before) == base.run_key("binary", dict(before))
+    assert base.run_key("binary", before) != base.run_key("binary", after)

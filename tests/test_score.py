@@ -235,3 +235,24 @@ def test_recover_finishes_a_commit_that_was_interrupted(tmp_path):
     assert committed_runs(str(output)) == ["r1"]
     assert (output / "run=r1" / "part-0.parquet").is_file()
     assert not (output / "_staging").exists()
+
+
+def test_gpu_decode_path_gives_the_same_rows_and_says_it_fell_back(trained, tmp_path, job_env):
+    bundle, _ = trained
+    folder = copy_images(
+        tmp_path / "mixed", sorted((CHEST_XRAY / "test" / "PNEUMONIA").glob("*"))[:12]
+    )
+    Image.open(sorted(FULLRES.rglob("*.jpeg"))[0]).convert("L").save(folder / "as_png.png")
+    (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows = {}
+    for mode in ("cpu", "gpu"):
+        log = score(bundle, [folder], tmp_path / mode, job_env, "--decode", mode)
+        assert f"JPEG decode on {'GPU (nvJPEG)' if mode == 'gpu' else 'CPU'}" in log
+        df = read_scores(str(tmp_path / mode)).to_pandas()
+        rows[mode] = df.drop(columns=["scored_at", "scored_on"]).sort_values("image_uri")
+    # No CUDA here: the GPU path reads bytes in the tasks and says the actor decoded on CPU.
+    assert "falling back to the CPU decoder" in log
+    assert len(rows["gpu"]) == 14 and rows["gpu"]["error"].notna().sum() == 1
+    pd.testing.assert_frame_equal(
+        rows["cpu"].reset_index(drop=True), rows["gpu"].reset_index(drop=True)
+    )
