@@ -10,7 +10,7 @@ DEMO_FLAGS ?= --image-size 64 --epochs 5 --lr-binary 1e-3
 # torch/torchvision pinned to the releases this machine has on disk (pyproject caps them).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test quality lint format venv clean
+.PHONY: demo test quality device-check lint format venv clean
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,12 @@ endif
 QUALITY_DATA ?= ../shared/data/chest_xray
 quality: venv
 	$(PY) jobs/quality.py --data $(QUALITY_DATA) --output out/quality
+
+# Issue 9's GPU device check (a GPU machine, about 2 minutes on one H200): one epoch of GPU
+# training in bf16 and fp32, then 5,000 full-resolution images scored with GPU actors, with CPU
+# and with GPU (nvJPEG) decode, against CPU scoring of the same images.
+device-check: venv
+	$(PY) jobs/device_check.py --data $(QUALITY_DATA) --fullres ../shared/data/chest_xray_fullres
 
 test: venv
 	$(PY) -m ruff check pneumo_ray jobs tests

@@ -64,11 +64,14 @@ def replicate(source: Path, count: int, target: Path) -> Path:
     target.mkdir(parents=True)
     for i in range(count):
         original = originals[i % len(originals)]
-        (target / f"{i:06d}_{original.name}").symlink_to(original)
+        (target / f"{i:06d}_{original.name}").symlink_to(original.resolve())
     return target
 
 
-def untrained_bundle(image_size: int, uri: str) -> str:
+def untrained_bundle(image_size: int, uri: str, binary: torch.nn.Module | None = None) -> str:
+    """A bundle of the right shapes (untrained networks, a KNN over random features) at
+    ``uri``: throughput does not depend on the weights. ``binary``: a trained binary network
+    to use instead of an untrained one."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     references = 4000  # about the size of a real training set
@@ -89,7 +92,7 @@ def untrained_bundle(image_size: int, uri: str) -> str:
     }
     bundle = Bundle(
         card,
-        binary_cnn(image_size).eval(),
+        (binary or binary_cnn(image_size)).eval(),
         multiclass_cnn(image_size).eval(),
         ConvAutoencoder(image_size).eval(),
         knn,

@@ -30,11 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from jobs.benchmark_score import replicate, untrained_bundle  # noqa: E402
 from pneumo_ray import data  # noqa: E402
-from pneumo_ray.bundle import Bundle, write_bundle  # noqa: E402
 from pneumo_ray.config import TrainConfig  # noqa: E402
-from pneumo_ray.labels import CLASS_LABELS, split_by_patient  # noqa: E402
-from pneumo_ray.models import ConvAutoencoder, KnnReference, multiclass_cnn  # noqa: E402
+from pneumo_ray.labels import split_by_patient  # noqa: E402
 from pneumo_ray.runtime import init_ray  # noqa: E402
 from pneumo_ray.score import ScoreConfig, read_scores, run_scoring  # noqa: E402
 from pneumo_ray.train import Scaling, fit_network  # noqa: E402
@@ -119,44 +118,6 @@ def train_binary(args, precision: str, splits) -> dict:
     }
 
 
-def scoring_bundle(binary: torch.nn.Module, image_size: int, uri: str) -> str:
-    """The trained binary network with untrained three-class and autoencoder networks and a
-    KNN over random features: every model runs, as in a real bundle."""
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    references = 4000
-    knn = KnnReference.fit(
-        [f"/reference/{i}.jpeg" for i in range(references)],
-        list(rng.choice(CLASS_LABELS, references)),
-        rng.random((references, 3)).astype(np.float32),
-        k=5,
-        feature_kind="softmax",
-    )
-    card = {
-        "image_size": image_size,
-        "models": {
-            "binary": {"threshold": 0.5},
-            "autoencoder": {"threshold": 0.01, "score": "mse"},
-        },
-    }
-    bundle = Bundle(
-        card, binary.eval(), multiclass_cnn(image_size).eval(), ConvAutoencoder(image_size).eval(),
-        knn,
-    )  # fmt: skip
-    write_bundle(bundle, uri)
-    return uri
-
-
-def replicate(originals: list[Path], count: int, target: Path) -> Path:
-    target.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        original = originals[i % len(originals)]
-        link = target / f"{i:06d}__{original.name}"
-        if not link.exists():
-            link.symlink_to(original.resolve())
-    return target
-
-
 def score(args, bundle: str, folder: Path, name: str, use_gpu: bool, decode: str) -> tuple:
     config = ScoreConfig(
         model=bundle,
@@ -170,7 +131,8 @@ def score(args, bundle: str, folder: Path, name: str, use_gpu: bool, decode: str
     with GpuMemorySampler() as sampler:
         summary = run_scoring(config)
     table = read_scores(config.output, latest=True).to_pandas()
-    table["original"] = table["image_uri"].str.rsplit("__", n=1).str[-1]
+    # Replicas are named <index>_<original name>.
+    table["original"] = table["image_uri"].str.rsplit("/", n=1).str[-1].str.split("_", n=1).str[1]
     figures = {
         "images": summary.scored + summary.failed,
         "failed": summary.failed,
@@ -226,10 +188,12 @@ def main(args: argparse.Namespace) -> dict:
         print(f"training {precision}: {figures}", flush=True)
 
     binary = next(iter(trained.values())).model(args.image_size)
-    bundle = scoring_bundle(binary, args.image_size, str(out / "bundle"))
-    originals = sorted(Path(args.fullres).rglob("*.jpeg"))
-    many = replicate(originals, args.images, out / "images")
-    once = replicate(originals, len(originals), out / "originals")
+    # The trained binary network with untrained three-class and autoencoder networks and a
+    # KNN over random features: every model runs, as in a real bundle.
+    bundle = untrained_bundle(args.image_size, str(out / "bundle"), binary=binary)
+    originals = len(list(Path(args.fullres).rglob("*.jpeg")))
+    many = replicate(Path(args.fullres), args.images, out / "images")
+    once = replicate(Path(args.fullres), originals, out / "originals")
 
     _, reference = score(args, bundle, once, "cpu-reference", use_gpu=False, decode="cpu")
     for decode in ("cpu", "gpu"):

@@ -199,18 +199,17 @@ class ImageDecoder:
         n, size = len(blobs), self.image_size
         images = torch.zeros((n, size, size), dtype=torch.uint8, device=self.device)
         rows = [i for i in range(n) if not errors[i]]
-        on_gpu = [i for i in rows if self.gpu and _gpu_decodable(blobs[i])]
+        on_gpu = {i for i in rows if self.gpu and _gpu_decodable(blobs[i])}
         if on_gpu:
             try:
-                for i, image in zip(
-                    on_gpu, self._gpu_batch([blobs[i] for i in on_gpu]), strict=True
-                ):
+                order = sorted(on_gpu)
+                for i, image in zip(order, self._gpu_batch([blobs[i] for i in order]), strict=True):
                     images[i] = image
             except RuntimeError as exc:  # nvJPEG refused one of them: decode these on the CPU
                 if not self.reported_fallback:
                     print(f"[pneumo_ray] nvJPEG refused a batch ({exc}); CPU decode", flush=True)
                     self.reported_fallback = True
-                on_gpu = []
+                on_gpu = set()
         for i in rows:
             if i in on_gpu:
                 continue
@@ -238,7 +237,6 @@ class ModelActor:
         outputs: str,
         use_gpu: bool,
         threads: int,
-        image_size: int | None = None,
         gpu_decode: bool = False,
     ) -> None:
         from pneumo_ray.bundle import Bundle, load_bundle
@@ -251,12 +249,12 @@ class ModelActor:
             source = load_bundle(source, self.device)
         if isinstance(source, Bundle):
             self.bundle, self.models = source.to(self.device), None
-            image_size = source.image_size
         else:
             self.bundle, self.models = None, source.build(self.device)
-            image_size = source.image_size
+        if outputs not in OUTPUTS or (outputs == "bundle" and self.bundle is None):
+            raise ValueError(f"outputs {outputs!r} needs a bundle source; got {type(source)}")
         self.outputs = outputs
-        self.decoder = ImageDecoder(image_size, self.device, gpu_decode)
+        self.decoder = ImageDecoder(source.image_size, self.device, gpu_decode)
         self.node = ray.get_runtime_context().get_node_id()
         print(f"[pneumo_ray] model actor ready on node {self.node} ({self.device})", flush=True)
 
@@ -270,12 +268,14 @@ class ModelActor:
         return batch["image"], errors
 
     def predict(self, images) -> dict[str, np.ndarray]:
-        if self.bundle is not None:
+        """The ``outputs`` this actor was made for, for a batch of decoded images."""
+        if self.outputs == "bundle":
             return self.bundle.predict(images)
+        models = self.models if self.models is not None else self.bundle.networks
         x = to_model_input(images).to(self.device)  # (B, 1, S, S)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        return network_outputs(self.models, x)
+        return network_outputs(models, x)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         images, errors = self.images(batch)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,3 +93,22 @@ def test_fingerprint_changes_with_the_data(synthetic_store):
     assert first["images"] == len(images)
     assert data.fingerprint(images[1:])["sha256"] != first["sha256"]
     assert data.fingerprint(list(reversed(images)))["sha256"] == first["sha256"]
+
+
+def test_a_file_rewritten_in_place_changes_the_fingerprint_and_the_run_key(
+    synthetic_store, tmp_path
+):
+    from pneumo_ray.config import TrainConfig
+
+    store = _copy(synthetic_store, tmp_path)
+    config = TrainConfig(data=store, output=str(tmp_path / "bundle"))
+    before = data.fingerprint(data.list_store(store))
+    victim = sorted(Path(store).rglob("*.jpeg"))[0]
+    stat = victim.stat()
+    victim.write_bytes(victim.read_bytes())  # same URI, same size, new content time
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    after = data.fingerprint(data.list_store(store))
+    assert after["bytes"] == before["bytes"] and after["sha256"] != before["sha256"]
+    assert config.run_key("binary", {"train": before["sha256"]}) != config.run_key(
+        "binary", {"train": after["sha256"]}
+    )
