@@ -8,10 +8,7 @@ machine. The head runs in its own process group and is stopped by that group alo
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +20,7 @@ import pytest
 from pneumo_ray.score import read_scores
 
 from .conftest import CHEST_XRAY, run_job
-from .test_cluster import RAY, free_port, wait_for
+from .test_cluster import free_port, ray_head, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -86,45 +83,14 @@ def autoscaling_head(job_env):
     env = dict(job_env)
     env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    log = open(os.path.join(temp_dir, "head.log"), "w")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--block",
-            "--num-cpus=0",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            f"--autoscaling-config={config}",
-            f"--temp-dir={temp_dir}",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-        ],  # fmt: skip
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
     address = f"127.0.0.1:{port}"
     client_env = {**job_env, "RAY_AUTH_MODE": "token"}
-    try:
+    with ray_head(
+        env, port, temp_dir, "--num-cpus=0", f"--autoscaling-config={config}",
+        f"--dashboard-port={free_port()}",
+    ):  # fmt: skip
         wait_for(lambda: _alive_nodes(address, client_env) is not None, 120, "the head", 1.0)
-        yield {"address": address, "env": client_env, "log": Path(temp_dir) / "head.log"}
-    finally:
-        # The fake worker nodes live in the head's process group and ignore SIGTERM.
-        process.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        log.close()
+        yield {"address": address, "env": client_env}
 
 
 _NODES_SCRIPT = """

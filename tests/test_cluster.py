@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,14 +41,13 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def head(job_env):
-    """`ray start --head --block` bound to 127.0.0.1 on free ports; stopped (SIGINT) even when
-    a test fails."""
-    port, dashboard = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="pr_", dir="/tmp")  # short: Ray's socket paths
-    env = dict(job_env)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the job's `python`
+@contextlib.contextmanager
+def ray_head(env: dict, port: int, temp_dir: str, *args: str):
+    """`ray start --head --block` on 127.0.0.1:``port`` in a process group of its own, with free
+    ports for every per-node service (an embedded Ray elsewhere on this machine, the test
+    session's own, may hold the defaults). Stopped even when a test fails: SIGINT (what
+    `ray start --block` stops on), then SIGKILL of its group alone, which also ends fake
+    autoscaler nodes (they live in the head's group and ignore SIGTERM)."""
     log = open(os.path.join(temp_dir, "head.log"), "w")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
         [
@@ -57,18 +57,15 @@ def head(job_env):
             "--block",
             "--node-ip-address=127.0.0.1",
             f"--port={port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            "--num-cpus=2",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
-            # Free ports for the per-node services too: an embedded Ray elsewhere on this
-            # machine (the test session's own) may hold the default ones.
             f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
             f"--metrics-export-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}",
-        ],
+            f"--ray-client-server-port={free_port()}",
+            *args,
+        ],  # fmt: skip
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -77,6 +74,25 @@ def head(job_env):
         # A shell that runs us in the background ignores SIGINT, and children inherit that.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def head(job_env):
+    """A local cluster head with the Jobs API, 2 CPUs, on 127.0.0.1."""
+    port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="pr_", dir="/tmp")  # short: Ray's socket paths
+    env = dict(job_env)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the job's `python`
     address = f"http://127.0.0.1:{dashboard}"
     client_env = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
 
@@ -89,17 +105,12 @@ def head(job_env):
         )
         return probe.returncode == 0
 
-    try:
+    with ray_head(
+        env, port, temp_dir, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        "--num-cpus=2",
+    ):  # fmt: skip
         wait_for(ready, 120, "the head's Jobs API", interval=1.0)
         yield {"address": address, "env": client_env, "gcs": f"127.0.0.1:{port}"}
-    finally:
-        process.send_signal(signal.SIGINT)  # `ray start --block` stops on SIGINT
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 def submit(head, submission_id: str, *entrypoint: str) -> str:
