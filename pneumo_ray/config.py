@@ -34,21 +34,14 @@ def parse_worker_range(text: str | int | tuple[int, int] | None) -> tuple[int, i
     else:
         parts = str(text).strip().split("-")
         try:
-            low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+            low, high = int(parts[0]), int(parts[-1])
         except ValueError:
-            low, high = 0, -1
-        if len(parts) > 2 or low < 1 or high < low:
-            raise ConfigError(
-                f"--num-workers must be N or MIN-MAX with 1 <= MIN <= MAX; got {text!r}"
-            )
+            low = high = 0  # not numbers: refused below
+        if len(parts) > 2:
+            low = 0
     if low < 1 or high < low:
         raise ConfigError(f"--num-workers must be N or MIN-MAX with 1 <= MIN <= MAX; got {text!r}")
     return low, high
-
-
-def worker_range_text(workers: tuple[int, int]) -> str:
-    low, high = workers
-    return str(low) if low == high else f"{low}-{high}"
 
 
 @dataclass
