@@ -1,11 +1,14 @@
 """Score image stores with a trained bundle and write Parquet, incrementally.
 
     python jobs/score.py --model BUNDLE --input URI [--input URI ...] --output OUT_URI
-        [--batch-size N] [--num-workers N] [--use-gpu/--no-use-gpu] [--rescore]
+        [--batch-size N] [--num-workers N|MIN-MAX] [--use-gpu/--no-use-gpu]
+        [--commit-every N] [--only-new | --rescore]
 
 Inputs are folders, s3:// prefixes (walked recursively) or manifests (.txt/.csv/.parquet) of
-image URIs. Rerunning with the same output scores only images not scored before. Runs the same
-under ``ray job submit --working-dir . -- python jobs/score.py ...``.
+image URIs. Rows are committed in parts of --commit-every images, so a killed job keeps its
+committed parts. Rerunning with the same output scores only what this model has not scored
+(and images whose last read failed transiently). One job at a time per output: a second is
+refused. Runs the same under ``ray job submit --working-dir . -- python jobs/score.py ...``.
 """
 
 from __future__ import annotations
@@ -55,7 +58,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fallback for PNG, DICOM and refused files); auto: gpu when scoring on GPUs",
     )
     parser.add_argument(
+        "--commit-every",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="commit a part every N images; a killed run keeps its committed parts "
+        "(default: 10000)",
+    )
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument(
         "--rescore", action="store_true", help="score every image again, not only new ones"
+    )
+    again.add_argument(
+        "--only-new",
+        action="store_true",
+        help="skip images scored by any model before (default: a new model_version rescores)",
+    )
+    parser.add_argument(
+        "--lock-ttl",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="S3 outputs: take over the lock of a job that has not renewed it for this long "
+        "(it died); a local output's lock ends with its job (default: 600)",
     )
     parser.add_argument("--threads-per-actor", type=int, default=None)
     parser.add_argument(
@@ -76,6 +101,9 @@ def main(args: argparse.Namespace) -> None:
         use_gpu=args.use_gpu,
         decode=args.decode,
         rescore=args.rescore,
+        only_new=args.only_new,
+        commit_every=args.commit_every,
+        lock_ttl_s=args.lock_ttl,
         threads_per_actor=args.threads_per_actor,
     )
     init_ray(args.address)

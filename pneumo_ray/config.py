@@ -7,12 +7,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from pneumo_ray.models.anomaly import ANOMALY_SCORES
-from pneumo_ray.models.knn import FEATURE_KINDS
-
 BINARY_THRESHOLD_RULES = ("sensitivity", "youden")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Defined here, not in pneumo_ray.models (which imports torch): a job validates its flags
+# before anything loads torch, and the scoring driver never does.
+FEATURE_KINDS = ("softmax", "embedding")  # what the KNN compares
+ANOMALY_SCORES = ("latent", "mse")  # the autoencoder's anomaly scores
 
 
 class ConfigError(ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 
-from pneumo_ray import stores
+from pneumo_ray import faults, stores
 from pneumo_ray.images import ImageDecodeError, decode_image
 from pneumo_ray.labels import (
     CLASS_DIRS,
@@ -29,19 +30,47 @@ from pneumo_ray.labels import (
 )
 
 DECODE_BATCH_SIZE = 64
+READ_ATTEMPTS = 3
+READ_BACKOFF_S = 0.5  # doubled after each failed attempt
+PERMANENT, TRANSIENT = "permanent", "transient"
 
 
 class StoreLayoutError(ValueError):
     """A labelled store that is not in the Kaggle layout, or misses a class."""
 
 
+def read_image_bytes(uri: str) -> bytes:
+    """Read a file, retrying transient failures (timeouts, throttling, I/O errors) with
+    back-off; a missing file (StoreError) is not retried."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            faults.before_read(uri, attempt)
+            return stores.read_bytes(uri)
+        except stores.StoreError:
+            raise
+        except OSError:
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+            time.sleep(READ_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def error_kind(exc: Exception) -> str:
+    """ "permanent" for what the same bytes will always give (corrupt, truncated, not an image,
+    a decompression bomb, a missing file); "transient" for a read that may work next time."""
+    if isinstance(exc, ImageDecodeError | stores.StoreError):
+        return PERMANENT
+    return TRANSIENT
+
+
 def load_image(uri: str, image_size: int) -> np.ndarray:
-    """Read and decode one image; raises ImageDecodeError or StoreError."""
-    return decode_image(stores.read_bytes(uri), image_size)
+    """Read and decode one image; raises ImageDecodeError, StoreError or OSError."""
+    return decode_image(read_image_bytes(uri), image_size)
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Ray Data batch function: add ``image`` (B, S, S) uint8 and ``error`` ("" when decoded).
+    """Ray Data batch function: add ``image`` (B, S, S) uint8, ``error`` ("" when decoded) and
+    ``error_kind``.
 
     Each row is decoded on its own; a bad file yields a zero image and its error message,
     never an exception (one raised here would fail the whole block, and the job).
@@ -49,34 +78,44 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
     uris = batch["image_uri"]
     images = np.zeros((len(uris), image_size, image_size), dtype=np.uint8)
     # "" rather than None for success: a column of only None would reach Arrow as NaNs.
-    errors = [""] * len(uris)
+    errors, kinds = [""] * len(uris), [""] * len(uris)
     for i, uri in enumerate(uris):
         try:
             images[i] = load_image(str(uri), image_size)
-        except (ImageDecodeError, stores.StoreError, OSError) as exc:
-            errors[i] = str(exc)
-    return {**batch, "image": images, "error": np.array(errors, dtype=object)}
+        except (ImageDecodeError, OSError) as exc:
+            errors[i], kinds[i] = str(exc), error_kind(exc)
+    return {
+        **batch,
+        "image": images,
+        "error": np.array(errors, dtype=object),
+        "error_kind": np.array(kinds, dtype=object),
+    }
 
 
 def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data batch function for GPU decode: add the files' bytes (``image_data``) and
-    ``error`` ("" when read); the model actor decodes. Never raises, like ``decode_batch``."""
+    """Ray Data batch function for GPU decode: add the files' bytes (``image_data``), ``error``
+    ("" when read) and ``error_kind``; the model actor decodes. Never raises."""
     uris = batch["image_uri"]
     blobs: list[bytes] = [b""] * len(uris)
-    errors = [""] * len(uris)
+    errors, kinds = [""] * len(uris), [""] * len(uris)
     for i, uri in enumerate(uris):
         try:
-            blobs[i] = stores.read_bytes(str(uri))
-        except (stores.StoreError, OSError) as exc:
-            errors[i] = str(exc)
+            blobs[i] = read_image_bytes(str(uri))
+        except OSError as exc:
+            errors[i], kinds[i] = str(exc), error_kind(exc)
     data = np.empty(len(uris), dtype=object)
     data[:] = blobs
-    return {**batch, "image_data": data, "error": np.array(errors, dtype=object)}
+    return {
+        **batch,
+        "image_data": data,
+        "error": np.array(errors, dtype=object),
+        "error_kind": np.array(kinds, dtype=object),
+    }
 
 
 def _drop_failed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     ok = batch["error"] == ""
-    return {key: value[ok] for key, value in batch.items() if key != "error"}
+    return {key: value[ok] for key, value in batch.items() if key not in ("error", "error_kind")}
 
 
 def _only_normal(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

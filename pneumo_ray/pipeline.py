@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from pneumo_ray import data, report
 from pneumo_ray.bundle import NORMAL_REFERENCE_FILE, Bundle, write_bundle
-from pneumo_ray.config import TrainConfig
+from pneumo_ray.config import ANOMALY_SCORES, FEATURE_KINDS, TrainConfig
 from pneumo_ray.evaluation import evaluate_bundle, log, results_table, write_report
 from pneumo_ray.images import PREPROCESSING
 from pneumo_ray.labels import (
@@ -24,8 +24,8 @@ from pneumo_ray.labels import (
     split_by_patient,
 )
 from pneumo_ray.models import KnnReference
-from pneumo_ray.models.anomaly import ANOMALY_SCORES, SCORE_DESCRIPTIONS, NormalReference
-from pneumo_ray.models.knn import FEATURE_KINDS, KNN_K_CANDIDATES, select_features
+from pneumo_ray.models.anomaly import SCORE_DESCRIPTIONS, NormalReference
+from pneumo_ray.models.knn import KNN_K_CANDIDATES, select_features
 from pneumo_ray.predict import ActorPlan, Networks, plan_actors, run_models
 from pneumo_ray.runtime import check_shared_storage
 from pneumo_ray.train import (

@@ -20,37 +20,45 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
-import torch.nn.functional as F
 
 from pneumo_ray.images import MAX_PIXELS, MIN_SIDE, ImageDecodeError, decode_image, to_model_input
-from pneumo_ray.models.anomaly import autoencoder_outputs
-from pneumo_ray.models.knn import multiclass_outputs
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it runs (actors, training workers), never at import: the scoring
+# driver imports this module for the actor class and stays about 450 MB smaller without it.
 
 OUTPUTS = ("networks", "bundle")
 DECODE_MODES = ("auto", "cpu", "gpu")
 PASSTHROUGH = ("image_uri", "label_index", "image_bytes", "image_mtime_ns")
 
 
-@torch.inference_mode()
 def network_outputs(models: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, np.ndarray]:
     """The raw outputs of whichever networks are given, for a batch ``x`` (B, 1, S, S).
 
     ``p_pneumonia`` (binary), ``probs`` and ``embedding`` (three-class), ``ae_mse`` and
     ``ae_code`` (autoencoder: pixel error and pooled latent code), as float32 numpy arrays.
     """
+    import torch
+
+    from pneumo_ray.models.anomaly import autoencoder_outputs
+    from pneumo_ray.models.knn import multiclass_outputs
+
     out: dict[str, torch.Tensor] = {}
-    if "binary" in models:
-        out["p_pneumonia"] = torch.sigmoid(models["binary"](x))
-    if "multiclass" in models:
-        out["probs"], out["embedding"] = multiclass_outputs(models["multiclass"], x)
-    if "autoencoder" in models:
-        out["ae_mse"], out["ae_code"] = autoencoder_outputs(models["autoencoder"], x)
-    return {key: value.float().cpu().numpy() for key, value in out.items()}
+    with torch.inference_mode():
+        if "binary" in models:
+            out["p_pneumonia"] = torch.sigmoid(models["binary"](x))
+        if "multiclass" in models:
+            out["probs"], out["embedding"] = multiclass_outputs(models["multiclass"], x)
+        if "autoencoder" in models:
+            out["ae_mse"], out["ae_code"] = autoencoder_outputs(models["autoencoder"], x)
+        return {key: value.float().cpu().numpy() for key, value in out.items()}
 
 
 @dataclass
@@ -61,6 +69,8 @@ class Networks:
     states: dict[str, dict]  # network name -> state dict
 
     def build(self, device: torch.device) -> dict[str, torch.nn.Module]:
+        import torch
+
         from pneumo_ray.train import build_network
 
         models = {}
@@ -160,6 +170,9 @@ def resize_like_pillow(image: torch.Tensor, size: int) -> torch.Tensor:
     """A full-size decoded JPEG ``(1, H, W)`` uint8 (any device) -> ``(size, size)`` uint8, as
     the CPU decoder makes it: draft mode's DCT downscaling (a box average over scale x scale
     pixels), then Pillow's bilinear resize, which antialiases when it shrinks."""
+    import torch
+    import torch.nn.functional as F
+
     _, height, width = image.shape
     scale = draft_scale(width, height, size)
     x = image[None].float()  # (1, 1, H, W)
@@ -185,9 +198,12 @@ class ImageDecoder:
             )
 
     def _cpu(self, data: bytes) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(decode_image(data, self.image_size).copy())
 
     def _gpu_batch(self, blobs: list[bytes]) -> list[torch.Tensor]:
+        import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
         encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
@@ -196,6 +212,8 @@ class ImageDecoder:
 
     def __call__(self, blobs: list[bytes | None], errors: list[str]) -> torch.Tensor:
         """Decode every row whose ``errors`` entry is empty; a failure becomes its error."""
+        import torch
+
         n, size = len(blobs), self.image_size
         images = torch.zeros((n, size, size), dtype=torch.uint8, device=self.device)
         rows = [i for i in range(n) if not errors[i]]
@@ -239,6 +257,8 @@ class ModelActor:
         threads: int,
         gpu_decode: bool = False,
     ) -> None:
+        import torch
+
         from pneumo_ray.bundle import Bundle, load_bundle
 
         torch.set_num_threads(threads)
@@ -271,6 +291,8 @@ class ModelActor:
         """The ``outputs`` this actor was made for, for a batch of decoded images."""
         if self.outputs == "bundle":
             return self.bundle.predict(images)
+        import torch
+
         models = self.models if self.models is not None else self.bundle.networks
         x = to_model_input(images).to(self.device)  # (B, 1, S, S)
         if self.device.type == "cpu":
@@ -289,6 +311,10 @@ class ModelActor:
 
 def select_rows(images: np.ndarray | torch.Tensor, keep: np.ndarray) -> np.ndarray | torch.Tensor:
     """The rows of a numpy or torch (any device) batch where ``keep`` (numpy bool) is True."""
+    if isinstance(images, np.ndarray):
+        return images[keep]
+    import torch
+
     if isinstance(images, torch.Tensor):
         return images[torch.from_numpy(keep).to(images.device)]
     return images[keep]

@@ -1,72 +1,63 @@
-"""Ray Data batch inference: image stores -> all four models -> Parquet, incrementally.
+"""Ray Data batch inference: image stores -> all four models -> Parquet, in committed parts.
 
-    list inputs (one listing per folder/prefix; manifests) -> drop images already scored
-    -> decode in CPU tasks (the training decoder) -> one actor pool running the bundle
-    -> Parquet staged under OUT/_staging/<run>/ -> committed to OUT/run=<run>/
+    lock OUT -> finish or clear what a dead run left -> plan: stream the listing to Parquet,
+    anti-join it with the committed history in DuckDB (bounded memory, spills) -> the work list
+    under OUT/_staging/<run>/todo/ -> Ray Data: read it, decode in CPU tasks (the training
+    decoder), one actor pool running the bundle -> the driver commits a part every
+    --commit-every rows (pneumo_ray.ledger)
 
-Readers never see half a run: staged files live under ``_staging`` (pyarrow and pandas skip
-paths starting with ``_``), and a run becomes visible by one directory rename on a local
-filesystem. On S3, where no rename is atomic, the commit is the marker ``_runs/<run>.json``
-reaching state ``committed``; ``read_scores`` reads only such runs. A killed run leaves only
-staged files, which the next run deletes before scoring whatever is still unscored.
+The driver never holds the store, the history or the work list: its memory stays flat however
+many images there are. A job killed after hours keeps every committed part, and the next run
+scores only the rest. An image is done when a committed row has its URI, size, mtime and the
+bundle's model_version (a new model rescores the store; ``--only-new`` ignores the version),
+unless that row's error was transient (a read that failed after its retries): then it is
+scored again on the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import json
-import math
 import os
+import resource
+import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from pneumo_ray import stores
+from pneumo_ray import faults, stores
 from pneumo_ray.bundle import read_card
 from pneumo_ray.config import ConfigError, parse_worker_range
-from pneumo_ray.data import decode_batch, read_batch
+from pneumo_ray.data import PERMANENT, TRANSIENT, decode_batch, read_batch
+from pneumo_ray.ledger import (
+    LOCK_TTL_S,
+    OUTPUT_SCHEMA,
+    STAGING,
+    OutputLock,
+    commit_part,
+    committed_runs,
+    history_dataset,
+    new_run_id,
+    read_scores,
+    recover,
+    write_run_summary,
+)
+from pneumo_ray.listing import LISTING_SCHEMA, iter_listing
 from pneumo_ray.predict import DECODE_MODES, ModelActor, plan_actors, select_rows
 from pneumo_ray.runtime import check_shared_storage
 
-SCORABLE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")
-MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
-STAGING = "_staging"
-RUNS = "_runs"
+__all__ = ["OUTPUT_SCHEMA", "ScoreConfig", "committed_runs", "read_scores", "recover"]
+
 DECODE_BATCH = 32
 DECODE_CPUS = 0.5
 ACTOR_START_TIMEOUT_S = 1800
-
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("image_uri", pa.string()),
-        ("p_pneumonia", pa.float32()),
-        ("pred_binary", pa.string()),
-        ("p_normal", pa.float32()),
-        ("p_bacterial", pa.float32()),
-        ("p_viral", pa.float32()),
-        ("pred_class", pa.string()),
-        ("knn_label", pa.string()),
-        ("knn_neighbors", pa.list_(pa.string())),
-        ("knn_distances", pa.list_(pa.float32())),
-        ("anomaly_score", pa.float32()),
-        ("is_anomaly", pa.bool_()),
-        ("reconstruction_mse", pa.float32()),  # the design's anomaly score, always kept
-        ("model_version", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-        ("error", pa.string()),
-        ("image_bytes", pa.int64()),
-        ("image_mtime_ns", pa.int64()),
-        ("scored_on", pa.string()),  # Ray node id of the model actor: provenance
-    ]
-)
+TODO_FILE_ROWS = 100_000
+PLAN_MEMORY = "256MB"  # DuckDB's cap; beyond it the anti-join spills to the driver's temp dir
+MAX_ERRORS_KEPT = 100
 
 
 @dataclass
@@ -92,6 +83,14 @@ class ScoreConfig:
     tasks only read bytes), auto: gpu when the models run on GPUs (--decode)."""
     rescore: bool = False
     """Score every listed image again, not only new ones (--rescore)."""
+    only_new: bool = False
+    """Skip an image scored by any model before, not only by this bundle's model_version
+    (--only-new)."""
+    commit_every: int = 10_000
+    """Images per committed part: a killed run loses at most one part's work (--commit-every)."""
+    lock_ttl_s: float = LOCK_TTL_S
+    """S3 outputs: a lock not renewed for this long belongs to a job that died and is taken
+    over (a local output's lock ends with its job) (--lock-ttl)."""
     threads_per_actor: int | None = None
     """Torch threads per CPU actor; None: its node's CPUs shared among its actors."""
 
@@ -100,6 +99,12 @@ class ScoreConfig:
             raise ConfigError("give at least one --input")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.commit_every < 1:
+            raise ConfigError(f"--commit-every must be at least 1, got {self.commit_every}")
+        if self.lock_ttl_s <= 0:
+            raise ConfigError(f"--lock-ttl must be positive seconds, got {self.lock_ttl_s}")
+        if self.rescore and self.only_new:
+            raise ConfigError("--rescore and --only-new contradict each other: give one")
         self.num_workers = parse_worker_range(self.num_workers)
         if self.decode not in DECODE_MODES:
             raise ConfigError(
@@ -107,171 +112,26 @@ class ScoreConfig:
             )
 
 
-# --- listing ---------------------------------------------------------------------------------
-
-
-def _read_manifest(uri: str) -> list[str]:
-    """Image URIs from a manifest: Parquet (column image_uri, uri or path) or text/CSV (first
-    field of each line; a header line is skipped)."""
-    if uri.lower().endswith(".parquet"):
-        fs, path = stores.resolve(uri)
-        table = pq.read_table(path, filesystem=fs)
-        for name in ("image_uri", "uri", "path"):
-            if name in table.column_names:
-                return [str(v) for v in table.column(name).to_pylist() if v]
-        raise ConfigError(f"{uri}: a Parquet manifest needs a column image_uri, uri or path")
-    lines = stores.read_bytes(uri).decode().splitlines()
-    uris = [line.split(",")[0].strip() for line in lines if line.strip()]
-    if uris and not uris[0].lower().endswith(SCORABLE_SUFFIXES):
-        uris = uris[1:]  # header
-    base = uri.rsplit("/", 1)[0]
-    return [u if stores.is_remote(u) or os.path.isabs(u) else stores.join(base, u) for u in uris]
-
-
-def _stat_all(uris: list[str]) -> list[stores.FileEntry]:
-    """Sizes and mtimes of explicit URIs, asked for in bulk per filesystem."""
-    entries = []
-    by_store: dict[str, list[str]] = {}
-    for uri in uris:
-        by_store.setdefault(uri.split("://", 1)[0] if stores.is_remote(uri) else "", []).append(uri)
-    for group in by_store.values():
-        fs, _ = stores.resolve(group[0])
-        infos = fs.get_file_info([stores.resolve(u)[1] for u in group])
-        for uri, info in zip(group, infos, strict=True):
-            found = info.type == pafs.FileType.File
-            entries.append(
-                stores.FileEntry(
-                    stores.normalize(uri),
-                    info.size if found else -1,
-                    info.mtime_ns if found else None,
-                )
-            )
-    return entries
-
-
-def list_inputs(inputs: list[str]) -> list[stores.FileEntry]:
-    """Every image of the inputs, once, sorted by URI.
-
-    A folder or prefix is one recursive listing (sizes and mtimes come with it; no request per
-    object). A manifest's URIs are looked up in one bulk call per filesystem; a URI it names
-    that does not exist is kept, with size -1, so that it gets a row saying so.
-    """
-    seen: dict[str, stores.FileEntry] = {}
-    for uri in inputs:
-        if uri.lower().endswith(MANIFEST_SUFFIXES) and not stores.is_dir(uri):
-            if not stores.exists(uri):
-                raise stores.StoreError(f"{uri}: no such manifest")
-            entries = _stat_all(_read_manifest(uri))
-        elif stores.is_dir(uri):
-            entries = stores.list_files(uri, SCORABLE_SUFFIXES)
-        elif stores.exists(uri):
-            entries = stores.list_files(uri)
-        else:
-            raise stores.StoreError(f"{uri}: no such folder, prefix or file")
-        for entry in entries:
-            seen.setdefault(entry.uri, entry)
-    return [seen[uri] for uri in sorted(seen)]
-
-
-# --- the output store ------------------------------------------------------------------------
-
-
-def _run_marker(output: str, run_id: str) -> str:
-    return stores.join(output, RUNS, f"{run_id}.json")
-
-
-def _read_markers(output: str) -> list[dict]:
-    folder = stores.join(output, RUNS)
-    if not stores.is_dir(folder):
-        return []
-    return [json.loads(stores.read_bytes(e.uri)) for e in stores.list_files(folder, (".json",))]
-
-
-def _move_run(output: str, run_id: str) -> None:
-    """Move a run's staged files into OUT/run=<id>/ (one rename where the filesystem has it)."""
-    fs, _ = stores.resolve(output)
-    staged = stores.join(output, STAGING, run_id)
-    final = stores.join(output, f"run={run_id}")
-    if not stores.exists(staged):
-        return  # already moved
-    if isinstance(fs, pafs.LocalFileSystem) and not stores.exists(final):
-        os.rename(staged, final)  # atomic: the whole run appears at once
-        return
-    for entry in stores.list_files(staged):
-        name = entry.uri.rsplit("/", 1)[1]
-        fs.copy_file(stores.resolve(entry.uri)[1], stores.resolve(stores.join(final, name))[1])
-        fs.delete_file(stores.resolve(entry.uri)[1])
-    stores.delete_dir(staged)
-
-
-def recover(output: str) -> None:
-    """Finish runs that were being committed; delete staged files of runs that never were."""
-    markers = _read_markers(output)
-    for marker in markers:
-        if marker["state"] == "committing":
-            _move_run(output, marker["run_id"])
-            marker["state"] = "committed"
-            stores.write_bytes(_run_marker(output, marker["run_id"]), json.dumps(marker).encode())
-    staging = stores.join(output, STAGING)
-    if stores.is_dir(staging):
-        stores.delete_dir(staging)
-
-
-def committed_runs(output: str) -> list[str]:
-    return sorted(m["run_id"] for m in _read_markers(output) if m["state"] == "committed")
-
-
-def read_scores(output: str, columns: list[str] | None = None, latest: bool = False) -> pa.Table:
-    """The committed scores under ``output`` (never a half-written run).
-
-    ``latest``: one row per image URI, from its most recent run (after ``--rescore``).
-    """
-    files = [
-        entry.uri
-        for run_id in committed_runs(output)
-        for entry in stores.list_files(stores.join(output, f"run={run_id}"), (".parquet",))
-    ]
-    if not files:
-        return OUTPUT_SCHEMA.empty_table()
-    fs, _ = stores.resolve(output)
-    paths = [stores.resolve(uri)[1] for uri in files]
-    dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA)
-    table = dataset.to_table(columns=columns)
-    if latest and table.num_rows:
-        order = pc.sort_indices(table, [("image_uri", "ascending"), ("scored_at", "descending")])
-        table = table.take(order)
-        uris = table.column("image_uri").to_numpy(zero_copy_only=False)
-        keep = np.ones(len(uris), dtype=bool)
-        keep[1:] = uris[1:] != uris[:-1]
-        table = table.filter(pa.array(keep))
-    return table
-
-
-def already_scored(output: str) -> set[tuple[str, int, int | None]]:
-    """(URI, size, mtime) of every image a committed run holds."""
-    table = read_scores(output, columns=["image_uri", "image_bytes", "image_mtime_ns"])
-    return set(
-        zip(
-            table.column("image_uri").to_pylist(),
-            table.column("image_bytes").to_pylist(),
-            table.column("image_mtime_ns").to_pylist(),
-            strict=True,
-        )
-    )
-
-
 # --- the model actors ------------------------------------------------------------------------
 
 
 class BundlePredictor(ModelActor):
     """The scoring job's model actor: all four models of a bundle, rows in the Parquet schema
-    (a bad image becomes a row with its error and null scores)."""
+    (a bad image becomes a row with its error, its kind and null scores)."""
 
     def __init__(self, bundle_uri: str, use_gpu: bool, threads: int, gpu_decode: bool) -> None:
         super().__init__(bundle_uri, "bundle", use_gpu, threads, gpu_decode=gpu_decode)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        read_errors = [str(e) for e in batch["error"]]
         images, errors = self.images(batch)
+        # An error the read task gave has its kind; one the actor's decoder added is permanent.
+        kinds = [
+            None if not error else str(kind) if read_error else PERMANENT
+            for error, read_error, kind in zip(
+                errors, read_errors, batch["error_kind"], strict=True
+            )
+        ]
         ok = np.array([not e for e in errors], dtype=bool)
         n = len(errors)
         predictions = self.bundle.predict(select_rows(images, ok)) if ok.any() else {}
@@ -291,6 +151,7 @@ class BundlePredictor(ModelActor):
             "scored_on": pa.array([self.node] * n, pa.string()),
             "scored_at": pa.array([now] * n, OUTPUT_SCHEMA.field("scored_at").type),
             "error": pa.array([e or None for e in errors], pa.string()),
+            "error_kind": pa.array(kinds, pa.string()),
             "image_bytes": pa.array(batch["image_bytes"].tolist(), pa.int64()),
             "image_mtime_ns": pa.array(
                 [None if m is None or m < 0 else int(m) for m in batch["image_mtime_ns"]],
@@ -303,7 +164,7 @@ class BundlePredictor(ModelActor):
         return pa.table([columns[name] for name in OUTPUT_SCHEMA.names], schema=OUTPUT_SCHEMA)
 
 
-# --- the job ---------------------------------------------------------------------------------
+# --- the summary -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -311,73 +172,160 @@ class ScoreSummary:
     output: str
     listed: int = 0
     skipped: int = 0
+    to_score: int = 0
     scored: int = 0
     failed: int = 0
+    transient: int = 0
+    parts: int = 0
     seconds: float = 0.0
+    planning_s: float = 0.0
+    first_scored_s: float | None = None
     run_id: str | None = None
-    errors: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # the first MAX_ERRORS_KEPT
 
     @property
     def images_per_s(self) -> float:
         return (self.scored + self.failed) / self.seconds if self.seconds else 0.0
 
+    def as_dict(self) -> dict:
+        return {
+            "run_id": self.run_id,
+            "listed": self.listed,
+            "skipped": self.skipped,
+            "to_score": self.to_score,
+            "scored": self.scored,
+            "failed": self.failed,
+            "transient": self.transient,
+            "parts": self.parts,
+            "seconds": round(self.seconds, 1),
+            "planning_s": round(self.planning_s, 1),
+            "first_scored_s": None
+            if self.first_scored_s is None
+            else round(self.first_scored_s, 1),
+        }
+
     def __str__(self) -> str:
+        first = "-" if self.first_scored_s is None else f"{self.first_scored_s:.1f}s"
         return (
             f"images listed: {self.listed}\n"
             f"already scored (skipped): {self.skipped}\n"
             f"scored: {self.scored}\n"
-            f"failed (row with error): {self.failed}\n"
+            f"failed (row with error): {self.failed}, of which transient (retried next run): "
+            f"{self.transient}\n"
+            f"parts committed: {self.parts}\n"
+            f"planning (listing + anti-join): {self.planning_s:.1f}s; first image scored after "
+            f"{first}\n"
             f"throughput: {self.images_per_s:.1f} images/s over {self.seconds:.1f}s\n"
+            f"driver peak memory: {driver_peak_mib():.0f} MiB\n"
             f"output: {self.output}"
-            + (f" (run {self.run_id})" if self.run_id else " (nothing new to score)")
+            + (f" (run {self.run_id})" if self.parts else " (nothing new to score)")
         )
+
+
+def driver_peak_mib() -> float:
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec
+    (ru_maxrss would carry the peak of whatever process forked us)."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def log(message: str) -> None:
     print(f"[pneumo_ray.score] {message}", flush=True)
 
 
-def run_scoring(config: ScoreConfig) -> ScoreSummary:
-    """Score the inputs with the bundle and commit the new rows as one run under the output."""
-    card = read_card(config.model)  # fail fast, before any listing, on a wrong --model
-    image_size = int(card["image_size"])
-    summary = ScoreSummary(output=config.output)
-    nodes = check_shared_storage(
-        read=[("--model", config.model), *(("--input", uri) for uri in config.inputs)],
-        write=[("--output", config.output)],  # the staging folder lives under it
+# --- planning: what is left to score ---------------------------------------------------------
+
+
+@dataclass
+class WorkList:
+    files: list[str]  # Parquet files of (image_uri, image_bytes, image_mtime_ns)
+    listed: int
+    rows: int
+
+
+def _write_listing(inputs: list[str], path: str) -> None:
+    """Stream the inputs' listing into one local Parquet file, a page at a time."""
+    listed, next_report = 0, 1_000_000
+    with pq.ParquetWriter(path, LISTING_SCHEMA) as writer:
+        for page in iter_listing(inputs):
+            writer.write_batch(page)
+            listed += page.num_rows
+            if listed >= next_report:
+                log(f"listed {listed:,} images so far")
+                next_report += 1_000_000
+
+
+def _done_filter(config: ScoreConfig, model_version: str) -> str:
+    """The SQL condition under which a committed row ``h`` means listing row ``l`` is done."""
+    condition = (
+        "h.image_uri = l.image_uri AND h.image_bytes = l.image_bytes"
+        " AND coalesce(h.image_mtime_ns, -1) = l.image_mtime_ns"
+        f" AND coalesce(h.error_kind, '') <> '{TRANSIENT}'"
     )
-    if nodes > 1:
-        log(f"shared storage: every local location is visible from all {nodes} nodes")
-    recover(config.output)
+    if not config.only_new:
+        condition += " AND h.model_version = $model_version"
+    return condition
 
-    log(f"listing {', '.join(config.inputs)}")
-    entries = list_inputs(config.inputs)
-    summary.listed = len(entries)
-    if not config.rescore:
-        done = already_scored(config.output)
-        todo = [e for e in entries if (e.uri, e.size, e.mtime_ns) not in done]
-    else:
-        todo = entries
-    summary.skipped = len(entries) - len(todo)
-    log(f"{summary.listed} images listed, {summary.skipped} already scored, {len(todo)} to score")
-    if not todo:
-        return summary
 
+def plan_work(config: ScoreConfig, run_id: str, model_version: str) -> WorkList:
+    """List the inputs and anti-join them with the committed history; write what is left to
+    score under OUT/_staging/<run>/todo/ (shared storage: Ray Data reads it on any node)."""
+    import duckdb
+
+    todo = stores.join(config.output, STAGING, run_id, "todo")
+    fs, todo_path = stores.resolve(todo)
+    fs.create_dir(todo_path)
+    with tempfile.TemporaryDirectory(prefix="pneumo_ray_plan_") as scratch:
+        listing = os.path.join(scratch, "listing.parquet")
+        _write_listing(config.inputs, listing)
+        con = duckdb.connect(
+            config={"memory_limit": PLAN_MEMORY, "temp_directory": scratch, "threads": 2}
+        )
+        quoted = listing.replace("'", "''")  # a path we made, in a temp dir
+        con.execute(
+            "CREATE VIEW listing AS SELECT image_uri, any_value(image_bytes) AS image_bytes, "
+            "any_value(image_mtime_ns) AS image_mtime_ns "
+            f"FROM read_parquet('{quoted}') GROUP BY image_uri"
+        )
+        (listed,) = con.execute("SELECT count(*) FROM listing").fetchall()[0]
+        history = history_dataset(config.output)
+        query, params = "SELECT * FROM listing l", {}
+        if history is not None and not config.rescore:
+            con.register("history", history)
+            done = _done_filter(config, model_version)
+            query += f" WHERE NOT EXISTS (SELECT 1 FROM history h WHERE {done})"
+            if not config.only_new:
+                params["model_version"] = model_version
+        ordered = con.sql(query + " ORDER BY image_uri", params=params or None)
+        reader = ordered.to_arrow_reader(TODO_FILE_ROWS)
+        files, rows = [], 0
+        for batch in reader:
+            uri = stores.join(todo, f"todo-{len(files):05d}.parquet")
+            pq.write_table(pa.Table.from_batches([batch]), stores.resolve(uri)[1], filesystem=fs)
+            files.append(uri)
+            rows += batch.num_rows
+        con.close()
+    return WorkList(files, listed, rows)
+
+
+# --- scoring and committing ------------------------------------------------------------------
+
+
+def build_pipeline(
+    config: ScoreConfig, work: WorkList, image_size: int
+) -> tuple[ray.data.Dataset, str]:
+    """The Ray Data pipeline over the work list; returns it and a line saying how it runs."""
     plan = plan_actors(config.num_workers, config.use_gpu, config.threads_per_actor)
     gpu_decode = config.decode == "gpu" or (config.decode == "auto" and plan.use_gpu)
-    log(
-        f"{plan.describe()}, JPEG decode on {'GPU (nvJPEG)' if gpu_decode else 'CPU'}, "
-        f"model {card.get('model_version')}"
-    )
-    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    staged = stores.join(config.output, STAGING, run_id)
-    rows = [
-        {"image_uri": e.uri, "image_bytes": e.size, "image_mtime_ns": e.mtime_ns or -1}
-        for e in todo
-    ]
-    started = time.perf_counter()
+    fs, _ = stores.resolve(config.output)
     dataset = (
-        ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / DECODE_BATCH)))
+        ray.data.read_parquet([stores.resolve(uri)[1] for uri in work.files], filesystem=fs)
+        # Streamed into blocks of DECODE_BATCH rows: decoding runs in many parallel tasks, and
+        # scored rows reach the driver (and its commits) as they come, not all at the end.
+        .repartition(target_num_rows_per_block=DECODE_BATCH)
         .map_batches(
             read_batch if gpu_decode else decode_batch,
             fn_kwargs={} if gpu_decode else {"image_size": image_size},
@@ -405,37 +353,151 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     # Start scoring once every model actor has its bundle loaded, so the work spreads over all
     # of them (and nodes); generous, since an autoscaler may first have to start GPU nodes.
     ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    fs, staged_path = stores.resolve(staged)
-    dataset.write_parquet(staged_path, filesystem=fs)
-    summary.seconds = time.perf_counter() - started
+    return dataset, f"{plan.describe()}, JPEG decode on {'GPU (nvJPEG)' if gpu_decode else 'CPU'}"
 
-    written = pads.dataset(staged_path, filesystem=fs, format="parquet").to_table(
-        columns=["image_uri", "error"]
-    )
-    uris = written.column("image_uri").to_pylist()
-    if sorted(uris) != [r["image_uri"] for r in rows]:
-        raise RuntimeError(
-            f"run {run_id}: wrote {len(uris)} rows for {len(rows)} images; not committing"
+
+class PartWriter:
+    """Collects scored rows from the stream and commits a part every ``commit_every`` rows.
+
+    Exactly once within a run: a row whose URI this run already committed (a task retried
+    after a worker died, say) is dropped, never committed twice.
+    """
+
+    def __init__(self, config: ScoreConfig, run_id: str, lock: OutputLock, summary: ScoreSummary):
+        self.config, self.run_id, self.lock, self.summary = config, run_id, lock, summary
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.seen = np.empty(0, dtype=np.int64)  # sorted hashes of the URIs committed
+        self.started = time.perf_counter()
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.config.commit_every:
+            rows = pa.concat_tables(self.pending)
+            self.pending = [rows.slice(self.config.commit_every)]
+            self.pending_rows = self.pending[0].num_rows
+            self.commit(rows.slice(0, self.config.commit_every))
+
+    def flush(self) -> None:
+        if self.pending_rows:
+            self.commit(pa.concat_tables(self.pending))
+        self.pending, self.pending_rows = [], 0
+
+    def _first_time(self, table: pa.Table) -> pa.Table:
+        """The rows whose URI this run has not committed (64-bit hashes: 8 bytes per image
+        of this run; a collision needs billions of images)."""
+        hashes = np.fromiter((hash(u) for u in table.column("image_uri").to_pylist()), np.int64)
+        _, first = np.unique(hashes, return_index=True)
+        keep = np.zeros(len(hashes), dtype=bool)
+        keep[first] = True
+        keep &= ~np.isin(hashes, self.seen)
+        if not keep.all():
+            log(f"dropped {int((~keep).sum())} duplicate row(s) (a retried task's)")
+            table = table.filter(pa.array(keep))
+        self.seen = np.union1d(self.seen, hashes[keep])
+        return table
+
+    def commit(self, table: pa.Table) -> None:
+        self.lock.check()
+        table = self._first_time(table)
+        if not table.num_rows:
+            return
+        errors = table.column("error").to_pylist()
+        kinds = table.column("error_kind").to_pylist()
+        failed = sum(1 for e in errors if e)
+        part = self.summary.parts
+        commit_part(
+            self.config.output,
+            self.run_id,
+            part,
+            table,
+            {"failed": failed, "model_version": table.column("model_version")[0].as_py()},
         )
-    errors = written.column("error").to_pylist()
-    summary.errors = sorted((u, e) for u, e in zip(uris, errors, strict=True) if e)
-    summary.failed = len(summary.errors)
-    summary.scored = len(uris) - summary.failed
+        summary = self.summary
+        summary.parts += 1
+        summary.failed += failed
+        summary.transient += sum(1 for k in kinds if k == TRANSIENT)
+        summary.scored += table.num_rows - failed
+        uris = table.column("image_uri").to_pylist()
+        for uri, error in zip(uris, errors, strict=True):
+            if error and len(summary.errors) < MAX_ERRORS_KEPT:
+                summary.errors.append((uri, error))
+        done = summary.scored + summary.failed
+        elapsed = time.perf_counter() - self.started
+        log(
+            f"part {part + 1} committed ({table.num_rows} rows, {failed} with errors): "
+            f"{done:,} of {summary.to_score:,} images ({100 * done / summary.to_score:.1f}%), "
+            f"{done / elapsed:.1f} images/s"
+        )
+        faults.after_commit(summary.parts, log)
 
-    marker = {
-        "run_id": run_id,
-        "state": "committing",
-        "rows": len(uris),
-        "failed": summary.failed,
-        "model_version": card.get("model_version"),
-        "inputs": config.inputs,
-        "rescore": config.rescore,
-        "decode": "gpu" if gpu_decode else "cpu",
-        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-    }
-    stores.write_bytes(_run_marker(config.output, run_id), json.dumps(marker).encode())
-    _move_run(config.output, run_id)
-    marker["state"] = "committed"
-    stores.write_bytes(_run_marker(config.output, run_id), json.dumps(marker).encode())
-    summary.run_id = run_id
+
+def run_scoring(config: ScoreConfig) -> ScoreSummary:
+    """Score the inputs' images not scored yet with the bundle; commit them in parts."""
+    started = time.perf_counter()
+    card = read_card(config.model)  # fail fast, before any listing, on a wrong --model
+    model_version = str(card.get("model_version", "unsaved"))
+    summary = ScoreSummary(output=config.output)
+    nodes = check_shared_storage(
+        read=[("--model", config.model), *(("--input", uri) for uri in config.inputs)],
+        write=[("--output", config.output)],  # the staging folder lives under it
+    )
+    if nodes > 1:
+        log(f"shared storage: every local location is visible from all {nodes} nodes")
+    run_id = summary.run_id = new_run_id()
+    with OutputLock(config.output, run_id, config.lock_ttl_s) as lock:
+        if lock.took_over:
+            log(f"took over the lock of a run that stopped renewing it: {lock.took_over}")
+        for line in recover(config.output, keep_run=run_id):
+            log(line)
+        try:
+            _score(config, run_id, model_version, int(card["image_size"]), lock, summary, started)
+            write_run_summary(config.output, run_id, {**summary.as_dict(), "state": "finished"})
+        except BaseException as exc:
+            if summary.parts:
+                write_run_summary(
+                    config.output, run_id, {**summary.as_dict(), "state": f"failed: {exc!r}"}
+                )
+            raise
+        finally:
+            stores.delete_dir(stores.join(config.output, STAGING, run_id))
     return summary
+
+
+def _score(
+    config: ScoreConfig,
+    run_id: str,
+    model_version: str,
+    image_size: int,
+    lock: OutputLock,
+    summary: ScoreSummary,
+    started: float,
+) -> None:
+    log(f"listing {', '.join(config.inputs)}; model {model_version}")
+    work = plan_work(config, run_id, model_version)
+    summary.listed, summary.to_score = work.listed, work.rows
+    summary.skipped = work.listed - work.rows
+    summary.planning_s = time.perf_counter() - started
+    log(
+        f"{summary.listed} images listed, {summary.skipped} already scored, {work.rows} to "
+        f"score ({summary.planning_s:.1f}s)"
+    )
+    if not work.rows:
+        return
+    dataset, how = build_pipeline(config, work, image_size)
+    log(f"{how}; committing every {config.commit_every} images")
+    writer = PartWriter(config, run_id, lock, summary)
+    scoring_started = time.perf_counter()
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if summary.first_scored_s is None:
+            summary.first_scored_s = time.perf_counter() - started
+            log(f"first images scored after {summary.first_scored_s:.1f}s")
+        writer.add(batch)
+    writer.flush()
+    summary.seconds = time.perf_counter() - scoring_started
+    if summary.scored + summary.failed != work.rows:
+        raise RuntimeError(
+            f"run {run_id}: committed {summary.scored + summary.failed} rows for {work.rows} "
+            "images; the next run scores what is missing"
+        )

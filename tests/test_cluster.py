@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from pneumo_ray.bundle import load_bundle
-from pneumo_ray.score import read_scores
+from pneumo_ray.score import committed_runs, read_scores
 
 from .conftest import CHEST_XRAY, REPO, run_job
 
@@ -294,17 +294,21 @@ def test_a_local_output_some_nodes_cannot_see_is_refused(two_nodes, trained, tmp
     assert not (private / "scores").exists()  # outside the namespace: nothing was written
 
 
-def _kill_when(match: str, ready, timeout: float = 300) -> int:
-    """Wait until ``ready()``, then SIGKILL the first process whose command line has ``match``."""
+def _kill_when(job: subprocess.Popen, match: str, ready, timeout: float = 300) -> int:
+    """Wait until ``ready()``, then SIGKILL the one process of ``job``'s own Ray cluster (its
+    embedded Ray: the job's descendants, by pid) whose command line has ``match``. Never a
+    process of any other cluster on this machine."""
     wait_for(ready, timeout, f"the moment to kill {match}")
-    victims = [
-        p
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if match in " ".join(p.info["cmdline"] or [])
-    ]
-    assert victims, f"no process matching {match}"
-    victims[0].kill()
-    return victims[0].pid
+    tree = psutil.Process(job.pid).children(recursive=True)
+    victims = []
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if match in " ".join(process.cmdline()):
+                victims.append(process)
+    assert victims, f"no {match} among the job's processes"
+    victim = min(victims, key=lambda p: p.pid)
+    victim.kill()
+    return victim.pid
 
 
 def _registered_checkpoint(storage: Path) -> bool:
@@ -330,7 +334,7 @@ def _run_job_and_kill(script: str, args: list[str], env, log: Path, match: str, 
             start_new_session=True,
         )
         try:
-            _kill_when(match, ready)
+            _kill_when(process, match, ready)
             process.wait(timeout=900)
         finally:
             if process.poll() is None:
@@ -391,14 +395,17 @@ def test_scoring_survives_a_killed_model_actor(trained, tmp_path, job_env):
         str(scores),
         "--batch-size",
         "4",
+        "--commit-every",
+        "16",
     ]
+    # Kill once the first part is committed: the actor is busy with the next ones.
     _run_job_and_kill(
         "score.py",
         args,
         job_env,
         tmp_path / "score.log",
         "BundlePredictor",
-        lambda: list((scores / "_staging").rglob("*.parquet")),
+        lambda: committed_runs(str(scores)),
     )
     df = read_scores(str(scores)).to_pandas()
     assert sorted(df["image_uri"]) == sorted(str(folder / s.name) for s in sources)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 
-from pneumo_ray import stores
+from pneumo_ray import faults, ledger, stores
 from pneumo_ray.bundle import load_bundle
 from pneumo_ray.score import read_scores
 
-from .conftest import run_job
+from .conftest import CHEST_XRAY, run_job
 from .test_cluster import SMALL_TRAIN, free_port, wait_for
 
 BUCKET = "xrays"
@@ -127,3 +129,49 @@ def test_missing_s3_store_is_a_clear_error(s3_env, tmp_path):
     assert result.returncode != 0 and "image store not found" in result.stderr
     card = json.dumps(result.stderr)
     assert SECRET not in card
+
+
+def test_scoring_into_s3_commits_parts_that_survive_a_killed_run(s3_env, trained, tmp_path):
+    bundle, _ = trained
+    store, scores = f"s3://{BUCKET}/nightly/images", f"s3://{BUCKET}/nightly/scores"
+    sources = sorted((CHEST_XRAY / "test" / "NORMAL").glob("*.jpeg"))[:30]
+    for source in sources:
+        stores.write_bytes(f"{store}/{source.name}", source.read_bytes())
+    args = ["--model", str(bundle), "--input", store, "--output", scores, "--commit-every", "10"]
+    killed = run_job("score.py", *args, env={**s3_env, faults.KILL_AFTER_PART: "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert read_scores(scores).num_rows == 10  # the committed part; nothing half-written
+    assert stores.exists(f"{scores}/{ledger.LOCK}")  # the dead run's lock, on S3
+
+    # The dead run's lock blocks until it is --lock-ttl seconds old (600 by default).
+    with pytest.raises(ledger.OutputBusyError):
+        ledger.OutputLock(scores, "too soon").acquire()
+    done = run_job("score.py", *args, "--lock-ttl", "1", env=s3_env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "took over the lock of a run that stopped renewing it" in done.stdout
+    assert "already scored (skipped): 10" in done.stdout and "scored: 20" in done.stdout
+    df = read_scores(scores).to_pandas()
+    assert sorted(df["image_uri"]) == sorted(f"{store}/{s.name}" for s in sources)
+    staging = f"{scores}/_staging"  # the dead run's work list is gone too
+    assert not stores.exists(staging) or stores.list_files(staging) == []
+    assert not stores.exists(f"{scores}/{ledger.LOCK}")  # released at the end
+
+
+def test_the_s3_lock_refuses_a_second_job_and_is_taken_over_when_stale(s3_env):
+    output = f"s3://{BUCKET}/locks/out"
+    first = ledger.OutputLock(output, "first", ttl_s=3600).acquire()
+    with pytest.raises(ledger.OutputBusyError, match="being scored by run first"):
+        ledger.OutputLock(output, "second", ttl_s=3600).acquire()
+    # A holder that stopped renewing for longer than the TTL is taken over, and then knows it.
+    taker = ledger.OutputLock(output, "taker", ttl_s=0.5)
+    first._stop.set()  # the first holder stalls: no more renewals
+    time.sleep(1.0)
+    taker.acquire()
+    assert taker.took_over["run_id"] == "first"
+    assert not first._renew_once()  # its next renewal finds the lock is not its own
+    with pytest.raises(ledger.OutputBusyError, match="taken over"):
+        first.check()
+    first.release()  # must not delete the taker's lock
+    assert stores.exists(f"{output}/{ledger.LOCK}")
+    taker.release()
+    assert not stores.exists(f"{output}/{ledger.LOCK}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -9,17 +10,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pneumo_ray import faults
 from pneumo_ray.score import OUTPUT_SCHEMA, committed_runs, read_scores, recover
 
 from .conftest import CHEST_XRAY, FULLRES, REPO, run_job
 from .dicom import write_dicom
+from .test_cluster import wait_for
 
 
 def score(bundle, inputs, output, env, *extra):
@@ -181,60 +184,173 @@ def test_manifest_input_and_missing_files(trained, tmp_path, job_env):
     assert df.drop(index=str(missing))["error"].isna().all()
 
 
-def test_a_killed_run_is_never_read_and_a_rerun_completes_it(trained, tmp_path, job_env):
-    bundle, _ = trained
-    sources = sorted(FULLRES.rglob("*.jpeg"))
-    folder = copy_images(tmp_path / "store", sources)
-    output = tmp_path / "scores"
-    args = [
-        "--model",
-        str(bundle),
-        "--input",
-        str(folder),
-        "--output",
-        str(output),
-        "--batch-size",
-        "4",
-    ]
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "score.py"), *args],
+def start_job(script, args, env, log):
+    """``jobs/<script>`` in its own process group (to stop what it started, and only that),
+    output to a file: a pipe nobody reads could fill and stall it."""
+    sink = open(log, "w")  # noqa: SIM115 (the child holds it; closed when the test ends)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / script), *args],
         cwd=REPO,
-        env=job_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=sink,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    staging = output / "_staging"
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(staging.rglob("*.parquet")):
-        time.sleep(0.05)
-    assert list(staging.rglob("*.parquet")), "the run never staged a file"
-    os.killpg(process.pid, signal.SIGKILL)  # the driver and its embedded Ray
-    process.wait()
 
-    assert committed_runs(str(output)) == []
-    assert read_scores(str(output)).num_rows == 0
-    assert len(pd.read_parquet(output)) == 0  # plain readers see no staged rows either
 
-    log = score(bundle, [folder], output, job_env)
+def stop_group(process):
+    """SIGKILL what is left of a job's process group (its embedded Ray), by the group id."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def score_args(bundle, folder, output, *extra):
+    return ["--model", str(bundle), "--input", str(folder), "--output", str(output), *extra]
+
+
+def link_images(folder, sources):
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        (folder / source.name).symlink_to(source)
+    return folder
+
+
+def test_a_killed_run_keeps_its_committed_parts_and_the_rerun_scores_the_rest(
+    trained, tmp_path, job_env
+):
+    bundle, _ = trained
+    sources = sorted((CHEST_XRAY / "test" / "PNEUMONIA").glob("*.jpeg"))[:40]
+    folder = link_images(tmp_path / "store", sources)
+    output = tmp_path / "scores"
+    env = {**job_env, faults.KILL_AFTER_PART: "1"}  # the driver SIGKILLs itself after part 1
+    job = start_job("score.py", score_args(bundle, folder, output, "--commit-every", "8"), env,
+                    tmp_path / "killed.log")  # fmt: skip
+    try:
+        assert job.wait(timeout=600) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
+    finally:
+        stop_group(job)
+    [run] = committed_runs(str(output))
+    part = output / f"run={run}" / "part-00000.parquet"
+    kept = part.read_bytes()
+    assert read_scores(str(output)).num_rows == 8
+    assert len(pd.read_parquet(output)) == 8  # plain readers see no staged rows either
+    assert list((output / "_staging").iterdir()), "the killed run left its work list behind"
+
+    log = score(bundle, [folder], output, job_env, "--commit-every", "8")
+    assert "already scored (skipped): 8" in log and "scored: 32" in log
+    assert "parts committed: 4" in log and f"staged files of run {run}, which died" in log
+    df = read_scores(str(output)).to_pandas()
+    assert sorted(df["image_uri"]) == sorted(str(folder / p.name) for p in sources)  # once each
+    assert part.read_bytes() == kept  # the committed part was not touched
+    assert not list((output / "_staging").iterdir())
+
+
+def test_a_new_model_rescores_and_transient_errors_are_retried_next_run(trained, tmp_path, job_env):
+    bundle, _ = trained
+    sources = sorted((CHEST_XRAY / "test" / "NORMAL").glob("*.jpeg"))[:6]
+    folder = link_images(tmp_path / "store", sources)
+    (folder / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    flaky = sources[0].name
+    output = tmp_path / "scores"
+    # Every read attempt of `flaky` fails as a timeout would: a transient error row.
+    log = score(bundle, [folder], output, {**job_env, faults.READ_FAULTS: f"{flaky}:99"})
+    assert "failed (row with error): 2, of which transient (retried next run): 1" in log
+    df = read_scores(str(output)).to_pandas().set_index("image_uri")
+    assert df.loc[str(folder / flaky), "error_kind"] == "transient"
+    assert "injected transient read error" in df.loc[str(folder / flaky), "error"]
+    assert df.loc[str(folder / "corrupt.jpeg"), "error_kind"] == "permanent"
+    assert (
+        df.drop(index=[str(folder / flaky), str(folder / "corrupt.jpeg")])["error_kind"]
+        .isna()
+        .all()
+    )
+
+    # Next night: the transient one is scored again (its first two reads fail, the third works:
+    # retried within the run), the permanent one is not.
+    log = score(bundle, [folder], output, {**job_env, faults.READ_FAULTS: f"{flaky}:2"})
+    assert "already scored (skipped): 6" in log and "scored: 1" in log
+    latest = read_scores(str(output), latest=True).to_pandas().set_index("image_uri")
+    assert pd.isna(latest.loc[str(folder / flaky), "error"])
+
+    # A new model: --only-new keeps the old rows, the default scores the store again.
+    new_bundle = tmp_path / "bundle_v2"
+    shutil.copytree(bundle, new_bundle)
+    card = json.loads((new_bundle / "card.json").read_text())
+    card["model_version"] = "pneumo-test-v2"
+    (new_bundle / "card.json").write_text(json.dumps(card))
+    log = score(new_bundle, [folder], output, job_env, "--only-new")
+    assert "nothing new to score" in log
+    log = score(new_bundle, [folder], output, job_env, "--batch-size", "2")
+    assert "already scored (skipped): 0" in log and "scored: 6" in log
+    df = read_scores(str(output)).to_pandas()
+    assert (df["model_version"] == "pneumo-test-v2").sum() == 7
+    log = score(new_bundle, [folder], output, job_env)
+    assert "nothing new to score" in log
+
+
+def test_a_second_job_on_the_same_output_is_refused_and_the_first_finishes(
+    trained, tmp_path, job_env
+):
+    bundle, _ = trained
+    sources = sorted((CHEST_XRAY / "test" / "PNEUMONIA").glob("*.jpeg"))[40:52]
+    folder = link_images(tmp_path / "store", sources)
+    output, release = tmp_path / "scores", tmp_path / "release"
+    env = {**job_env, faults.HOLD_AFTER_PART: f"1:{release}"}  # job A waits after part 1
+    first = start_job("score.py", score_args(bundle, folder, output, "--commit-every", "4"), env,
+                      tmp_path / "first.log")  # fmt: skip
+    try:
+        wait_for(lambda: committed_runs(str(output)), 600, "job A's first part")
+        staged = sorted(p for p in (output / "_staging").rglob("*") if p.is_file())
+        assert staged  # A's work list
+        second = run_job("score.py", *score_args(bundle, folder, output), env=job_env)
+        assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-2000:]
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"score.py: error: --output {output} is being scored by run ")
+        assert f"pid {first.pid}" in last and "use another --output" in last
+        assert sorted(p for p in (output / "_staging").rglob("*") if p.is_file()) == staged
+        assert read_scores(str(output)).num_rows == 4  # B wrote nothing
+        release.touch()
+        assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        stop_group(first)
     df = read_scores(str(output)).to_pandas()
     assert sorted(df["image_uri"]) == sorted(str(folder / p.name) for p in sources)
-    assert f"scored: {len(sources)}" in log
-    assert not list(staging.rglob("*.parquet"))  # the killed run's staged files are gone
+    assert "nothing new to score" in score(bundle, [folder], output, job_env)  # lock released
 
 
 def test_recover_finishes_a_commit_that_was_interrupted(tmp_path):
     output = tmp_path / "scores"
     staged = output / "_staging" / "r1"
     staged.mkdir(parents=True)
-    pq.write_table(OUTPUT_SCHEMA.empty_table(), staged / "part-0.parquet")
-    (output / "_runs").mkdir()
-    (output / "_runs" / "r1.json").write_text(json.dumps({"run_id": "r1", "state": "committing"}))
-    (output / "_staging" / "r2").mkdir()  # a run killed while writing: no marker
-    recover(str(output))
+    pq.write_table(OUTPUT_SCHEMA.empty_table(), staged / "part-00000.parquet")
+    (output / "_runs" / "r1").mkdir(parents=True)
+    (output / "_runs" / "r1" / "part-00000.committing").write_text(
+        json.dumps({"run_id": "r1", "part": 0, "rows": 0})
+    )
+    (output / "_staging" / "r2").mkdir()  # a run killed while staging: no marker
+    (output / "_staging" / "mine").mkdir()  # the recovering run's own
+    assert committed_runs(str(output)) == []  # committing is not committed
+    done = recover(str(output), keep_run="mine")
     assert committed_runs(str(output)) == ["r1"]
-    assert (output / "run=r1" / "part-0.parquet").is_file()
-    assert not (output / "_staging").exists()
+    assert (output / "run=r1" / "part-00000.parquet").is_file()
+    assert sorted(p.name for p in (output / "_runs" / "r1").iterdir()) == ["part-00000.committed"]
+    assert sorted(p.name for p in (output / "_staging").iterdir()) == ["mine"]
+    assert done[0] == "finished the commit of run r1 part-00000"
+    assert "deleted the staged files of run r2, which died" in done
+
+
+def test_runs_written_before_parts_are_still_read(tmp_path):
+    output = tmp_path / "scores"
+    (output / "run=old").mkdir(parents=True)
+    table = OUTPUT_SCHEMA.empty_table().drop_columns(["error_kind"])  # the old schema
+    row = {name: [None] for name in table.schema.names}
+    row.update(image_uri=["/x/a.jpeg"], image_bytes=[10], image_mtime_ns=[5], error=["bad"])
+    pq.write_table(pa.Table.from_pydict(row, schema=table.schema), output / "run=old" / "x.parquet")
+    (output / "_runs").mkdir()
+    (output / "_runs" / "old.json").write_text(json.dumps({"run_id": "old", "state": "committed"}))
+    assert committed_runs(str(output)) == ["old"]
+    df = read_scores(str(output)).to_pandas()
+    assert df["image_uri"].tolist() == ["/x/a.jpeg"] and df["error_kind"].isna().all()
 
 
 def test_gpu_decode_path_gives_the_same_rows_and_says_it_fell_back(trained, tmp_path, job_env):

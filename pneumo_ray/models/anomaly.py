@@ -25,7 +25,6 @@ from sklearn.neighbors import NearestNeighbors
 
 from pneumo_ray.models.autoencoder import ConvAutoencoder
 
-ANOMALY_SCORES = ("latent", "mse")
 SCORE_DESCRIPTIONS = {
     "latent": "mean distance of the autoencoder's pooled latent code to its k nearest normal "
     "training images (standardized features)",

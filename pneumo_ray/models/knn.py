@@ -14,9 +14,9 @@ import pyarrow as pa
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
+from pneumo_ray.config import FEATURE_KINDS
 from pneumo_ray.models.cnn import ChestCNN
 
-FEATURE_KINDS = ("softmax", "embedding")
 KNN_K_CANDIDATES = (5, 15, 25, 51)
 """Neighbour counts that ``--knn-k auto`` compares on validation: the design's 5 and larger
 ones, which vote over more of the training images near a query, where bacterial and viral

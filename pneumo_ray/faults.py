@@ -1,0 +1,45 @@
+"""Fault injection at named points, for the fault tests (and for chaos drills on a staging
+cluster). Each is off unless its environment variable is set; processes that Ray starts on the
+driver's machine inherit it.
+
+    PNEUMO_RAY_KILL_AFTER_PART=N        the scoring driver SIGKILLs itself once part N is committed
+    PNEUMO_RAY_HOLD_AFTER_PART=N:PATH   ... or waits there until PATH exists
+    PNEUMO_RAY_READ_FAULTS=TEXT:K       the first K read attempts of each image whose URI
+                                        contains TEXT fail as a transient read error would
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+KILL_AFTER_PART = "PNEUMO_RAY_KILL_AFTER_PART"
+HOLD_AFTER_PART = "PNEUMO_RAY_HOLD_AFTER_PART"
+READ_FAULTS = "PNEUMO_RAY_READ_FAULTS"
+
+
+class InjectedReadError(OSError):
+    """A read that failed on purpose (PNEUMO_RAY_READ_FAULTS), like a timeout or a 503."""
+
+
+def after_commit(part: int, log) -> None:
+    """Called by the scoring driver after it commits part ``part`` (numbered from 1)."""
+    if os.environ.get(KILL_AFTER_PART) == str(part):
+        log(f"{KILL_AFTER_PART}={part}: killing this driver (SIGKILL)")
+        os.kill(os.getpid(), signal.SIGKILL)
+    hold = os.environ.get(HOLD_AFTER_PART, "")
+    if hold.partition(":")[0] == str(part):
+        release = hold.partition(":")[2]
+        log(f"{HOLD_AFTER_PART}: holding after part {part} until {release} exists")
+        while not os.path.exists(release):
+            time.sleep(0.05)
+
+
+def before_read(uri: str, attempt: int) -> None:
+    """Called before each read attempt (numbered from 0) of an image."""
+    spec = os.environ.get(READ_FAULTS)
+    if spec:
+        text, _, count = spec.rpartition(":")
+        if text in uri and attempt < int(count):
+            raise InjectedReadError(f"injected transient read error (attempt {attempt + 1})")
