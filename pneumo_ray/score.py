@@ -294,7 +294,13 @@ def plan_work(config: ScoreConfig, run_id: str, model_version: str) -> WorkList:
         history = history_dataset(config.output)
         query, params = "SELECT * FROM listing l", {}
         if history is not None and not config.rescore:
-            con.register("history", history)
+            # A stream of the key columns, a few batches ahead: registered as a dataset,
+            # DuckDB's Arrow scan would buffer outside its memory cap (~400 MB more at 3M rows).
+            keys = ["image_uri", "image_bytes", "image_mtime_ns", "error_kind", "model_version"]
+            scanner = history.scanner(
+                columns=keys, batch_size=16_384, batch_readahead=2, fragment_readahead=1
+            )
+            con.register("history", scanner.to_reader())
             done = _done_filter(config, model_version)
             query += f" WHERE NOT EXISTS (SELECT 1 FROM history h WHERE {done})"
             if not config.only_new:
