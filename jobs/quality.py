@@ -4,7 +4,8 @@ split, and print the results against the quality targets.
     python jobs/quality.py --data ../shared/data/chest_xray --output out/quality \\
         [--profile cpu-hour] [extra jobs/train.py flags ...]
 
-The ``cpu-hour`` profile finishes in about an hour on a 2-core machine (128x128 input); extra
+The ``cpu-hour`` profile finishes in about an hour on a 2-core machine (128x128 input), the
+``gpu`` profile is what a GPU cluster affords (224 px, ResNet-18); extra
 flags after the known ones go to jobs/train.py and override the profile's. The bundle goes to
 OUTPUT, the evaluation report to OUTPUT/evaluation/test. Rerunning resumes from checkpoints.
 """
@@ -25,6 +26,16 @@ from pneumo_ray.evaluation import evaluate_store, results_table  # noqa: E402
 from pneumo_ray.pipeline import run_training  # noqa: E402
 from pneumo_ray.runtime import init_ray  # noqa: E402
 
+# Robustness to another site's images (issue 11), fixed before the run that tests them (the
+# validation split comes from the training source, so it cannot judge them): acquisition-shift
+# augmentation, per-image standardization, flip TTA, the combined binary score (the default),
+# temperature scaling (the default), and an autoencoder that also learns to inpaint; the
+# anomaly score among latent / inpaint / mse is the one with the highest validation AUC.
+ROBUSTNESS = [
+    "--acquisition-shift", "--normalization", "standardize", "--tta", "flip",
+    "--autoencoder-masking", "0.5",
+]  # fmt: skip
+
 PROFILES = {
     # About an hour on 2 CPU cores for all four models and the evaluation.
     "cpu-hour": [
@@ -32,22 +43,39 @@ PROFILES = {
         "--binary-epochs", "10", "--lr-binary", "1e-3",
         "--multiclass-epochs", "24", "--lr-multiclass", "1e-3", "--multiclass-patience", "0",
         "--autoencoder-epochs", "20", "--lr-autoencoder", "1e-3",
+        *ROBUSTNESS,
+    ],
+    # What a GPU cluster affords: 224 px, a ResNet-18 (from scratch, so it runs where nothing
+    # can be downloaded; add --pretrained imagenet where the cluster can), longer schedules.
+    "gpu": [
+        "--image-size", "224", "--use-gpu", "--architecture", "resnet18", "--batch-size", "64",
+        "--lr-schedule", "cosine", "--weight-decay", "1e-4",
+        "--binary-epochs", "20", "--lr-binary", "1e-3",
+        "--multiclass-epochs", "30", "--lr-multiclass", "1e-3", "--multiclass-patience", "0",
+        "--autoencoder-epochs", "40", "--lr-autoencoder", "1e-3",
+        *ROBUSTNESS,
     ],
     # Minutes, for checking the script itself.
-    "smoke": ["--image-size", "32", "--epochs", "1", "--limit", "20"],
+    "smoke": ["--image-size", "32", "--epochs", "1", "--limit", "20", *ROBUSTNESS],
 }  # fmt: skip
 
-# Minimum test-split figures (issue 5); knn is held to the multiclass accuracy minus 0.01.
+# Test-split targets (issue 11): minimums, or ("<=", maximum); the KNN is held to the
+# three-class argmax's accuracy.
 TARGETS = {
-    "binary": {"roc_auc": 0.95, "accuracy": 0.88},
-    "multiclass": {"accuracy": 0.80},
+    "binary": {
+        "roc_auc": 0.96,
+        "accuracy": 0.88,
+        "sensitivity": 0.93,
+        "specificity": 0.80,
+        "ece": ("<=", 0.05),
+    },
+    "multiclass": {"accuracy": 0.82},
     "autoencoder": {"roc_auc": 0.80},
 }
 
 
 def targets_for(metrics: dict) -> dict:
-    knn_floor = metrics["multiclass"]["headline"]["accuracy"] - 0.01
-    return {**TARGETS, "knn": {"accuracy": knn_floor}}
+    return {**TARGETS, "knn": {"accuracy": metrics["multiclass"]["headline"]["accuracy"]}}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,7 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
-from pneumo_ray.config import TrainConfig  # noqa: E402
+from pneumo_ray.config import (  # noqa: E402
+    ANOMALY_SCORES,
+    ARCHITECTURES,
+    BINARY_SCORES,
+    NORMALIZATIONS,
+    TTA_MODES,
+    TrainConfig,
+)
 from pneumo_ray.errors import USER_ERRORS  # noqa: E402
 from pneumo_ray.models.knn import KNN_K_CANDIDATES  # noqa: E402
 from pneumo_ray.pipeline import run_training  # noqa: E402
@@ -111,8 +118,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--anomaly-score",
         default="auto",
-        choices=["auto", "latent", "mse"],
-        help="autoencoder anomaly score (auto: the higher validation AUC)",
+        choices=["auto", *ANOMALY_SCORES],
+        help="autoencoder anomaly score (auto: the highest validation AUC)",
+    )
+    parser.add_argument(
+        "--autoencoder-masking",
+        type=float,
+        default=0.0,
+        help="share of the autoencoder's training images shown with patches hidden, so it "
+        "learns to inpaint them (the inpaint score); 0 = the design's plain autoencoder",
+    )
+    parser.add_argument(
+        "--architecture",
+        default="seed",
+        choices=ARCHITECTURES,
+        help="the two CNNs: the design's (seed) or a torchvision backbone, one-channel stem",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="imagenet|FILE",
+        help="initial weights of a torchvision --architecture: imagenet (torchvision's "
+        "weights API; downloads once to $TORCH_HOME) or a state dict file",
+    )
+    parser.add_argument(
+        "--normalization",
+        default="none",
+        choices=NORMALIZATIONS,
+        help="the CNNs' input normalization, inside the networks (standardize: per image)",
+    )
+    parser.add_argument(
+        "--acquisition-shift",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="augment CNN training with site differences: blur/sharpening, gamma, noise, "
+        "JPEG recompression, resampling",
+    )
+    parser.add_argument(
+        "--tta",
+        default="none",
+        choices=TTA_MODES,
+        help="test-time augmentation of the CNNs (flip: mean over the image and its mirror)",
+    )
+    parser.add_argument(
+        "--binary-score",
+        default="combined",
+        choices=BINARY_SCORES,
+        help="p_pneumonia: combined (mean of the binary network's and the three-class "
+        "network's 1 - p_normal) or network (the binary network's)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="temperature-scale both CNNs on validation",
     )
     parser.add_argument("--anomaly-k", type=int, default=5)
     parser.add_argument(
@@ -153,6 +212,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         anomaly_k=args.anomaly_k,
         binary_threshold=args.binary_threshold,
         target_sensitivity=args.target_sensitivity,
+        architecture=args.architecture,
+        pretrained=args.pretrained,
+        normalization=args.normalization,
+        acquisition_shift=args.acquisition_shift,
+        tta=args.tta,
+        binary_score=args.binary_score,
+        calibrate=args.calibrate,
+        autoencoder_masking=args.autoencoder_masking,
     )
     for name in ("binary", "multiclass", "autoencoder"):
         network = config.network(name)

@@ -114,6 +114,20 @@ class Bundle:
     def anomaly_threshold(self) -> float:
         return float(self.card["models"]["autoencoder"]["threshold"])
 
+    @property
+    def tta(self) -> str:
+        """Test-time augmentation of the CNNs (``none`` in bundles from before it existed)."""
+        return str(self.card.get("inference", {}).get("tta", "none"))
+
+    @property
+    def binary_score(self) -> str:
+        """What p_pneumonia is: ``combined`` or ``network`` (the binary network alone)."""
+        return str(self.card["models"]["binary"].get("score", "network"))
+
+    def temperature(self, name: str) -> float:
+        """The temperature fitted on validation for ``binary`` or ``multiclass`` (1: none)."""
+        return float(self.card["models"][name].get("temperature", 1.0))
+
     def to(self, device: torch.device | str) -> Bundle:
         for model in (self.binary, self.multiclass, self.autoencoder):
             model.to(device).eval()
@@ -144,23 +158,42 @@ class Bundle:
         x = to_model_input(images).to(self.device)  # (B, 1, S, S)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.finish(network_outputs(self.networks, x))
+        inpaint = self.anomaly_score_kind == "inpaint"
+        return self.finish(network_outputs(self.networks, x, self.tta, inpaint=inpaint))
+
+    def calibrated(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``p_pneumonia_cnn`` (the binary network), ``probs`` (three-class) with the card's
+        temperatures, and ``p_pneumonia``: the card's binary score of the two."""
+        from pneumo_ray.calibration import combined_score, sigmoid, softmax
+
+        p_cnn = sigmoid(raw["binary_logit"] / self.temperature("binary"))
+        probs = softmax(raw["multiclass_logits"] / self.temperature("multiclass"))
+        combined = combined_score(p_cnn, probs[:, 0])
+        p = combined if self.binary_score == "combined" else p_cnn
+        return {"p_pneumonia": p, "p_pneumonia_cnn": p_cnn, "probs": probs}
+
+    def anomaly_scores(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        """The anomaly score the card names, from the autoencoder's raw outputs."""
+        kind = self.anomaly_score_kind
+        if kind == "latent":
+            return self.normal_reference.score(raw["ae_code"])
+        return raw["ae_inpaint"] if kind == "inpaint" else raw["ae_mse"]
 
     def finish(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The networks' raw outputs -> the bundle's output columns: thresholds, the KNN's
-        label and neighbours, and the anomaly score the card names."""
+        """The networks' raw outputs -> the bundle's output columns: calibrated
+        probabilities, thresholds, the KNN's label and neighbours (on the uncalibrated
+        softmax it was fitted on), and the anomaly score the card names."""
         from pneumo_ray.models.knn import select_features
 
-        p_pneumonia, probs, mse = raw["p_pneumonia"], raw["probs"], raw["ae_mse"]
-        if self.anomaly_score_kind == "latent":
-            anomaly = self.normal_reference.score(raw["ae_code"])
-        else:
-            anomaly = mse
-        knn_features = select_features(probs, raw["embedding"], self.knn.feature_kind)
+        calibrated = self.calibrated(raw)
+        p_pneumonia, probs, mse = calibrated["p_pneumonia"], calibrated["probs"], raw["ae_mse"]
+        anomaly = self.anomaly_scores(raw)
+        knn_features = select_features(raw["probs"], raw["embedding"], self.knn.feature_kind)
         neighbour_uris, distances = self.knn.neighbours(knn_features)
         return {
             "p_pneumonia": p_pneumonia.astype(np.float32),
             "pred_binary": np.where(p_pneumonia >= self.binary_threshold, *BINARY_LABELS[::-1]),
+            "p_pneumonia_cnn": calibrated["p_pneumonia_cnn"].astype(np.float32),
             "p_normal": probs[:, 0].astype(np.float32),
             "p_bacterial": probs[:, 1].astype(np.float32),
             "p_viral": probs[:, 2].astype(np.float32),
@@ -252,15 +285,14 @@ def load_bundle(uri: str, device: torch.device | str = "cpu") -> Bundle:
     """Load and verify a bundle; raises BundleError if any file does not match its card."""
     import torch
 
-    from pneumo_ray.models import ConvAutoencoder, KnnReference, binary_cnn, multiclass_cnn
+    from pneumo_ray.models import KnnReference, build_network
     from pneumo_ray.models.anomaly import NormalReference
 
     card = read_card(uri)
     size = int(card["image_size"])
     models = {
-        "binary": binary_cnn(size),
-        "multiclass": multiclass_cnn(size),
-        "autoencoder": ConvAutoencoder(size),
+        name: build_network(name, size, card["models"][name].get("network"))
+        for name in WEIGHT_FILES
     }
     for name, model in models.items():
         data = _verified(uri, WEIGHT_FILES[name], card)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 
 BINARY_THRESHOLD_RULES = ("sensitivity", "youden")
@@ -13,7 +14,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Defined here, not in pneumo_ray.models (which imports torch): a job validates its flags
 # before anything loads torch, and the scoring driver never does.
 FEATURE_KINDS = ("softmax", "embedding")  # what the KNN compares
-ANOMALY_SCORES = ("latent", "mse")  # the autoencoder's anomaly scores
+ANOMALY_SCORES = ("latent", "inpaint", "mse")  # the autoencoder's anomaly scores
+TORCHVISION_ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0")
+ARCHITECTURES = ("seed", *TORCHVISION_ARCHITECTURES)  # the CNNs' (--architecture)
+NORMALIZATIONS = ("none", "standardize")  # the CNNs' input normalization (--normalization)
+TTA_MODES = ("none", "flip")  # test-time augmentation of the CNNs (--tta)
+BINARY_SCORES = ("combined", "network")  # what p_pneumonia is (--binary-score)
 
 
 class ConfigError(ValueError):
@@ -107,8 +113,8 @@ class TrainConfig:
     """Anomaly threshold: this percentile of normal validation images' scores
     (--anomaly-percentile)."""
     anomaly_score: str = "auto"
-    """The autoencoder's anomaly score: latent, mse, or auto (higher validation AUC)
-    (--anomaly-score)."""
+    """The autoencoder's anomaly score: latent, inpaint, mse, or auto (highest validation
+    AUC) (--anomaly-score)."""
     anomaly_k: int = 5
     """Normal reference images the latent anomaly score averages its distance over
     (--anomaly-k)."""
@@ -118,6 +124,29 @@ class TrainConfig:
     (--binary-threshold)."""
     target_sensitivity: float = 0.95
     """Validation sensitivity the binary threshold must reach (--target-sensitivity)."""
+    architecture: str = "seed"
+    """The two CNNs: the design's (seed) or a torchvision backbone with a one-channel stem
+    (--architecture)."""
+    pretrained: str | None = None
+    """Initial weights of a torchvision architecture: imagenet (torchvision's weights API,
+    downloaded to $TORCH_HOME once) or a state dict file; None: random (--pretrained)."""
+    normalization: str = "none"
+    """The CNNs' input normalization, inside the networks so that training, evaluation and
+    scoring apply it alike: none or standardize (per image) (--normalization)."""
+    acquisition_shift: bool = False
+    """Augment the CNNs' training images with what differs between sites: blur and
+    sharpening, gamma, noise, JPEG recompression, resampling (--acquisition-shift)."""
+    tta: str = "none"
+    """Test-time augmentation of the CNNs: none or flip (mean logits of the image and its
+    mirror image), in every pass after training and in scoring (--tta)."""
+    binary_score: str = "combined"
+    """What p_pneumonia is: combined (mean of the binary network's and 1 - the three-class
+    network's p_normal, both calibrated) or network (the binary network's) (--binary-score)."""
+    calibrate: bool = True
+    """Temperature-scale both CNNs on validation (--calibrate/--no-calibrate)."""
+    autoencoder_masking: float = 0.0
+    """Share of the autoencoder's training images given with one of the four inpainting masks
+    (0: the design's plain autoencoder) (--autoencoder-masking)."""
 
     def __post_init__(self) -> None:
         if self.image_size < 32 or self.image_size % 16:
@@ -162,10 +191,36 @@ class TrainConfig:
 
         if self.anomaly_score not in ("auto", *ANOMALY_SCORES):
             raise ConfigError(
-                f"--anomaly-score must be auto, latent or mse; got {self.anomaly_score!r}"
+                f"--anomaly-score must be auto, {', '.join(ANOMALY_SCORES)}; "
+                f"got {self.anomaly_score!r}"
             )
         if self.anomaly_k < 1:
             raise ConfigError(f"--anomaly-k must be at least 1, got {self.anomaly_k}")
+        choices = {
+            "--architecture": (self.architecture, ARCHITECTURES),
+            "--normalization": (self.normalization, NORMALIZATIONS),
+            "--tta": (self.tta, TTA_MODES),
+            "--binary-score": (self.binary_score, BINARY_SCORES),
+        }
+        for flag, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.pretrained is not None:
+            if self.architecture == "seed":
+                raise ConfigError(
+                    "--pretrained needs a torchvision --architecture "
+                    f"({', '.join(TORCHVISION_ARCHITECTURES)}); the seed CNN has no ImageNet "
+                    "weights"
+                )
+            if self.pretrained != "imagenet" and not os.path.isfile(self.pretrained):
+                raise ConfigError(
+                    f"--pretrained must be imagenet or a state dict file; {self.pretrained!r} "
+                    "is neither"
+                )
+        if not 0.0 <= self.autoencoder_masking <= 1.0:
+            raise ConfigError(
+                f"--autoencoder-masking must be in [0, 1], got {self.autoencoder_masking}"
+            )
         if self.binary_threshold not in BINARY_THRESHOLD_RULES:
             raise ConfigError(
                 f"--binary-threshold must be sensitivity or youden; got {self.binary_threshold!r}"
@@ -177,6 +232,16 @@ class TrainConfig:
 
     def network(self, name: str) -> NetworkConfig:
         return getattr(self, name)
+
+    def network_spec(self, name: str) -> dict:
+        """What builds network ``name`` (``pneumo_ray.models.build_network``)."""
+        if name == "autoencoder":
+            return {"architecture": "conv_autoencoder"}
+        return {
+            "architecture": self.architecture,
+            "normalization": self.normalization,
+            "pretrained": self.pretrained,
+        }
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -195,5 +260,18 @@ class TrainConfig:
             "seed": self.seed,
             network: dataclasses.asdict(self.network(network)),
         }
+        # Settings that change how a network trains join its identity only when not the
+        # design's, so runs from before they existed still resume.
+        extra = {
+            "spec": self.network_spec(network) if network != "autoencoder" else None,
+            "acquisition_shift": self.acquisition_shift and network != "autoencoder",
+            "masking": self.autoencoder_masking if network == "autoencoder" else 0.0,
+        }
+        design = {
+            "spec": {"architecture": "seed", "normalization": "none", "pretrained": None},
+            "acquisition_shift": False,
+            "masking": 0.0,
+        }
+        identity.update({k: v for k, v in extra.items() if v is not None and v != design[k]})
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         return f"{network}-{digest[:10]}"

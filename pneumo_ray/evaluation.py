@@ -22,13 +22,15 @@ from sklearn.metrics import roc_auc_score
 
 from pneumo_ray import data, report, stores
 from pneumo_ray.bundle import Bundle, load_bundle
+from pneumo_ray.calibration import expected_calibration_error
 from pneumo_ray.images import to_model_input
 from pneumo_ray.labels import BINARY_LABELS, CLASS_LABELS, patient_id
 from pneumo_ray.predict import ActorPlan, plan_actors, run_models
 
 # The figures that get a confidence interval, per model.
 HEADLINE = {
-    "binary": ("accuracy", "roc_auc", "sensitivity", "specificity"),
+    "binary": ("accuracy", "roc_auc", "sensitivity", "specificity", "ece"),
+    "binary_cnn": ("roc_auc", "ece"),
     "multiclass": ("accuracy", "roc_auc"),
     "knn": ("accuracy",),
     "autoencoder": ("roc_auc", "accuracy", "sensitivity", "specificity"),
@@ -94,11 +96,19 @@ def headline_figures(p: dict[str, np.ndarray], rows: np.ndarray | None = None) -
         multiclass["roc_auc"] = float(
             roc_auc_score(truth_index, probs, multi_class="ovr", labels=np.arange(3))
         )
-    mse_auc = np.nan
+    mse_auc = cnn_auc = np.nan
     if is_pneumonia.any() and (~is_pneumonia).any():
         mse_auc = float(roc_auc_score(is_pneumonia, p["reconstruction_mse"]))
+        cnn_auc = float(roc_auc_score(is_pneumonia, p["p_pneumonia_cnn"]))
+    binary = _binary_figures(is_pneumonia, p["pred_binary"] == "pneumonia", p["p_pneumonia"])
+    binary["ece"] = expected_calibration_error(p["p_pneumonia"], is_pneumonia)
+    binary_cnn = {
+        "roc_auc": cnn_auc,
+        "ece": expected_calibration_error(p["p_pneumonia_cnn"], is_pneumonia),
+    }
     return {
-        "binary": _binary_figures(is_pneumonia, p["pred_binary"] == "pneumonia", p["p_pneumonia"]),
+        "binary": binary,
+        "binary_cnn": binary_cnn,
         "multiclass": multiclass,
         "knn": {"accuracy": float(np.mean(p["knn_label"] == label))},
         "autoencoder": _binary_figures(is_pneumonia, p["is_anomaly"], p["anomaly_score"]),
@@ -158,6 +168,7 @@ def evaluate_predictions(
         "binary": report.classification_metrics(
             truth_binary, p["pred_binary"], BINARY_LABELS, p["p_pneumonia"]
         ),
+        "binary_cnn": {"score": "the binary network's calibrated p_pneumonia_cnn alone"},
         "multiclass": report.classification_metrics(
             p["label"], p["pred_class"], CLASS_LABELS, probs
         ),
@@ -199,7 +210,7 @@ def evaluate_bundle(
 
 
 MODEL_TITLES = {
-    "binary": "binary CNN (normal vs pneumonia)",
+    "binary": "binary call (normal vs pneumonia)",
     "multiclass": "three-class CNN",
     "knn": "KNN",
     "autoencoder": "autoencoder anomaly (pneumonia = anomaly)",
@@ -229,6 +240,15 @@ def write_report(
         {key: list(value) if value.ndim > 1 else value for key, value in p.items()}
     )
     table.to_parquet(os.path.join(directory, "predictions.parquet"), index=False)
+    is_pneumonia = p["label"] != "normal"
+    report.plot_reliability(
+        {
+            f"p_pneumonia ({bundle.binary_score})": (p["p_pneumonia"], is_pneumonia),
+            "p_pneumonia_cnn (binary network)": (p["p_pneumonia_cnn"], is_pneumonia),
+        },
+        f"reliability, normal vs pneumonia ({split})",
+        os.path.join(directory, "reliability.png"),
+    )
     for name, title in MODEL_TITLES.items():
         if name == "knn":
             title = f"KNN (k={bundle.knn.k}, {bundle.knn.feature_kind})"
@@ -237,10 +257,10 @@ def write_report(
         report.plot_confusion(
             metrics[name], title, os.path.join(directory, f"confusion_{name}.png")
         )
-    is_pneumonia = p["label"] != "normal"
     report.plot_roc(
         {
-            "binary CNN p_pneumonia": (is_pneumonia, p["p_pneumonia"]),
+            f"p_pneumonia ({bundle.binary_score})": (is_pneumonia, p["p_pneumonia"]),
+            "binary CNN p_pneumonia_cnn": (is_pneumonia, p["p_pneumonia_cnn"]),
             f"autoencoder {bundle.anomaly_score_kind} score": (is_pneumonia, p["anomaly_score"]),
             "autoencoder pixel MSE": (is_pneumonia, p["reconstruction_mse"]),
             "three-class CNN 1 - p_normal": (is_pneumonia, 1.0 - p["p_normal"]),
@@ -280,7 +300,8 @@ def _plot_reconstructions(bundle: Bundle, dataset: ray.data.Dataset, path: str, 
 
 def results_table(metrics: dict, targets: dict | None = None) -> str:
     """Headline figures with their 95% intervals, one row per model and figure; with
-    ``targets`` (model -> figure -> minimum), a column saying whether each target is met."""
+    ``targets`` (model -> figure -> minimum, or ("<=", maximum)), a column saying whether each
+    target is met."""
     lines = [
         f"{'model':<16} {'figure':<12} {'value':>6}  {'95% CI':<15}"
         + ("  target" if targets else "")
@@ -293,7 +314,9 @@ def results_table(metrics: dict, targets: dict | None = None) -> str:
             line = f"{model:<16} {figure:<12} {value:6.3f}  [{low:.3f}, {high:.3f}]"
             target = (targets or {}).get(model, {}).get(figure)
             if target is not None:
-                line += f"  >= {target:.3f} {'met' if value >= target else 'NOT MET'}"
+                sign, bound = target if isinstance(target, tuple) else (">=", target)
+                met = value <= bound if sign == "<=" else value >= bound
+                line += f"  {sign} {bound:.3f} {'met' if met else 'NOT MET'}"
             lines.append(line)
     return "\n".join(lines)
 

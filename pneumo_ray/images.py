@@ -8,6 +8,7 @@ palette, 16-bit) becomes an 8-bit grayscale ``(S, S)`` array; the model sees it 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import TYPE_CHECKING
 
@@ -140,19 +141,68 @@ def to_model_input(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor.unsqueeze(1).to(torch.float32).div_(255.0)
 
 
-def train_augmentation() -> v2.Transform:
+class AcquisitionShift:
+    """What differs between X-ray sites, drawn at random for one ``(1, H, W)`` image in [0, 1]:
+
+    - blur (detector and processing resolution) or sharpening (edge enhancement), p 0.5;
+    - gamma (the site's tone curve), p 0.5;
+    - Gaussian noise (dose, detector), p 0.3;
+    - JPEG recompression at quality 20-80 (PACS exports), p 0.3;
+    - down- and up-sampling by 0.35-0.8 (acquired or stored at lower resolution), p 0.3.
+
+    Brightness and contrast are the ColorJitter's. Uses torch's global generator, which the
+    training loop seeds per rank and epoch.
+    """
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+        from torchvision.io import decode_jpeg, encode_jpeg
+        from torchvision.transforms.v2 import functional as TF
+
+        def draw(low: float, high: float) -> float:
+            return low + (high - low) * float(torch.rand(()))
+
+        if torch.rand(()) < 0.5:
+            if torch.rand(()) < 0.5:
+                sigma = draw(0.3, 1.5)
+                image = TF.gaussian_blur(image, [2 * math.ceil(3 * sigma) + 1] * 2, [sigma])
+            else:
+                blurred = TF.gaussian_blur(image, [5, 5], [1.0])
+                image = image + draw(0.3, 1.5) * (image - blurred)
+        image = image.clamp(0.0, 1.0)
+        if torch.rand(()) < 0.5:
+            image = image.pow(draw(0.7, 1.5))
+        if torch.rand(()) < 0.3:
+            image = image + torch.randn_like(image) * draw(0.005, 0.03)
+        image = image.clamp(0.0, 1.0)
+        if torch.rand(()) < 0.3:
+            encoded = encode_jpeg(image.mul(255).round().to(torch.uint8).cpu(), int(draw(20, 80)))
+            image = decode_jpeg(encoded).to(image.device, torch.float32).div(255)
+        if torch.rand(()) < 0.3:
+            height, width = image.shape[-2:]
+            factor = draw(0.35, 0.8)
+            small = (max(8, round(height * factor)), max(8, round(width * factor)))
+            image = F.interpolate(image[None], size=small, mode="bilinear", antialias=True)
+            image = F.interpolate(image, size=(height, width), mode="bilinear")[0]
+        return image.clamp(0.0, 1.0)
+
+
+def train_augmentation(acquisition_shift: bool = False) -> v2.Transform:
     """The design's augmentation (rotation, shifts, shear, zoom, horizontal flip) plus
     brightness and contrast jitter: exposure differs between machines and sites, and the
-    Kermany test split's exposure differs from its train split's."""
+    Kermany test split's exposure differs from its train split's. ``acquisition_shift`` adds
+    ``AcquisitionShift`` (blur and sharpening, gamma, noise, JPEG, resampling)."""
     from torchvision.transforms import v2
 
-    return v2.Compose(
-        [
-            v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=8),
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.ColorJitter(brightness=0.2, contrast=0.2),
-        ]
-    )
+    steps = [
+        v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=8),
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.ColorJitter(brightness=0.2, contrast=0.2),
+    ]
+    if acquisition_shift:
+        steps.append(AcquisitionShift())
+    return v2.Compose(steps)
 
 
 def augment_batch(images: torch.Tensor, transform: v2.Transform) -> torch.Tensor:

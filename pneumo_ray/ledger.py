@@ -51,8 +51,9 @@ LOCK_TTL_S = 600.0
 OUTPUT_SCHEMA = pa.schema(
     [
         ("image_uri", pa.string()),
-        ("p_pneumonia", pa.float32()),
+        ("p_pneumonia", pa.float32()),  # the bundle's (calibrated; card: models.binary.score)
         ("pred_binary", pa.string()),
+        ("p_pneumonia_cnn", pa.float32()),  # the binary network's alone, calibrated
         ("p_normal", pa.float32()),
         ("p_bacterial", pa.float32()),
         ("p_viral", pa.float32()),

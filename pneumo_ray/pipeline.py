@@ -11,7 +11,7 @@ import numpy as np
 import ray
 from sklearn.metrics import roc_auc_score
 
-from pneumo_ray import data, report
+from pneumo_ray import calibration, data, report
 from pneumo_ray.bundle import NORMAL_REFERENCE_FILE, Bundle, write_bundle
 from pneumo_ray.config import ANOMALY_SCORES, FEATURE_KINDS, TrainConfig
 from pneumo_ray.evaluation import evaluate_bundle, log, results_table, write_report
@@ -69,10 +69,52 @@ def _choose_knn(
     return fitted[chosen], val_accuracy
 
 
-def _binary_threshold(config: TrainConfig, val_out: dict) -> tuple[float, dict]:
+def _calibrate(config: TrainConfig, val_out: dict) -> dict:
+    """Temperatures of both CNNs fitted on validation (1.0 with --no-calibrate), with the
+    validation ECE of p_pneumonia before and after; the card's calibration entry."""
+    is_pneumonia = val_out["label_index"] > 0
+    temperatures = {"binary": 1.0, "multiclass": 1.0}
+    if config.calibrate:
+        temperatures = {
+            "binary": calibration.fit_temperature(val_out["binary_logit"], is_pneumonia),
+            "multiclass": calibration.fit_temperature(
+                val_out["multiclass_logits"], val_out["label_index"]
+            ),
+        }
+    ece = {}
+    for label, t in (
+        ("uncalibrated", {"binary": 1.0, "multiclass": 1.0}),
+        ("calibrated", temperatures),
+    ):
+        p = _binary_scores(config, val_out, t)
+        ece[label] = {
+            kind: calibration.expected_calibration_error(p[kind], is_pneumonia)
+            for kind in ("p_pneumonia", "p_pneumonia_cnn")
+        }
+    return {
+        "temperatures": temperatures,
+        "method": "temperature scaling: logits / T, T minimizing validation NLL"
+        if config.calibrate
+        else "none (--no-calibrate)",
+        "validation_ece": ece,
+    }
+
+
+def _binary_scores(config: TrainConfig, val_out: dict, temperatures: dict) -> dict:
+    """p_pneumonia (the --binary-score) and p_pneumonia_cnn from raw outputs."""
+    p_cnn = calibration.sigmoid(val_out["binary_logit"] / temperatures["binary"])
+    probs = calibration.softmax(val_out["multiclass_logits"] / temperatures["multiclass"])
+    combined = calibration.combined_score(p_cnn, probs[:, 0])
+    return {
+        "p_pneumonia": combined if config.binary_score == "combined" else p_cnn,
+        "p_pneumonia_cnn": p_cnn,
+    }
+
+
+def _binary_threshold(config: TrainConfig, val_out: dict, temperatures: dict) -> tuple[float, dict]:
     """The binary threshold from validation outputs, and the card entry that says how."""
     is_pneumonia = val_out["label_index"] > 0
-    scores = val_out["p_pneumonia"]
+    scores = _binary_scores(config, val_out, temperatures)["p_pneumonia"]
     if config.binary_threshold == "sensitivity":
         threshold = report.sensitivity_threshold(is_pneumonia, scores, config.target_sensitivity)
         rule = (
@@ -96,7 +138,11 @@ def _choose_anomaly_score(
     reference = NormalReference.fit(
         list(normal_train_out["image_uri"]), normal_train_out["ae_code"], k=config.anomaly_k
     )
-    val_scores = {"latent": reference.score(val_out["ae_code"]), "mse": val_out["ae_mse"]}
+    val_scores = {
+        "latent": reference.score(val_out["ae_code"]),
+        "inpaint": val_out["ae_inpaint"],
+        "mse": val_out["ae_mse"],
+    }
     val_is_pneumonia = val_out["label_index"] > 0
     scores = {}
     for kind in ANOMALY_SCORES:
@@ -157,6 +203,7 @@ class References:
     normal_reference: NormalReference
     anomaly_kind: str
     anomaly_scores: dict
+    calibration: dict
 
     @property
     def anomaly_threshold(self) -> float:
@@ -238,26 +285,34 @@ def fit_references(
     log(f"choosing thresholds and KNN features on validation ({plan.describe()})")
 
     def networks(*names: str) -> Networks:
-        return Networks(config.image_size, {name: trained[name].state_dict for name in names})
+        return Networks(
+            config.image_size,
+            {name: trained[name].state_dict for name in names},
+            {name: trained[name].spec for name in names},
+            config.tta,
+        )
 
     val_out = run_models(splits.val.dataset, networks(*NETWORKS), plan)
     train_out = run_models(splits.train.dataset, networks("multiclass"), plan)
     normal_train_out = run_models(splits.normal_train, networks("autoencoder"), plan)
-    binary_threshold, binary_rule = _binary_threshold(config, val_out)
+    calibrated = _calibrate(config, val_out)
+    binary_threshold, binary_rule = _binary_threshold(config, val_out, calibrated["temperatures"])
     knn, knn_val_accuracy = _choose_knn(config, train_out, val_out)
     normal_reference, anomaly_kind, anomaly_scores = _choose_anomaly_score(
         config, normal_train_out, val_out
     )
     references = References(
         binary_threshold, binary_rule, knn, knn_val_accuracy, normal_reference, anomaly_kind,
-        anomaly_scores,
+        anomaly_scores, calibrated,
     )  # fmt: skip
     log(
         f"binary threshold {binary_threshold:.4f} (validation {binary_rule['validation']}); "
         f"anomaly score {anomaly_kind} (validation AUC "
         + ", ".join(f"{k} {v['validation_auc']:.3f}" for k, v in anomaly_scores.items())
         + f"); KNN on {knn.feature_kind} with k={knn.k} (validation accuracy "
-        + f"{knn_val_accuracy[knn.feature_kind][str(knn.k)]:.3f})"
+        + f"{knn_val_accuracy[knn.feature_kind][str(knn.k)]:.3f}); temperatures "
+        + ", ".join(f"{k} {t:.3f}" for k, t in calibrated["temperatures"].items())
+        + f" (validation ECE of p_pneumonia {calibrated['validation_ece']})"
     )
     return references
 
@@ -273,24 +328,50 @@ def build_card(
     """The bundle's card before it is written (write_bundle adds files, versions, the
     model version): what each model is, how its thresholds were chosen, how it trained."""
     knn, anomaly_kind = references.knn, references.anomaly_kind
+    temperatures = references.calibration["temperatures"]
+    cnn_note = (
+        f"{config.architecture}"
+        + (f", initialized from {config.pretrained} weights" if config.pretrained else "")
+        + f"; input normalization {config.normalization} (inside the network)"
+        + ("; acquisition-shift augmentation" if config.acquisition_shift else "")
+    )
+    binary_output = (
+        "p_pneumonia = mean of the binary network's p_pneumonia and the three-class network's "
+        "1 - p_normal, both temperature-scaled (--binary-score combined); p_pneumonia_cnn = "
+        "the binary network's alone"
+        if config.binary_score == "combined"
+        else "p_pneumonia = p_pneumonia_cnn = sigmoid(logit / T) of the binary network"
+    )
     return {
         "image_size": config.image_size,
-        "preprocessing": PREPROCESSING,
+        "preprocessing": {**PREPROCESSING, "normalization": config.normalization},
+        "inference": {
+            "tta": config.tta,
+            "tta_description": "mean logits of the image and its mirror image"
+            if config.tta == "flip"
+            else "none",
+        },
+        "calibration": references.calibration,
         "models": {
             "binary": {
                 "file": "binary.pt",
-                "architecture": "binary_cnn",
+                "architecture": f"binary_cnn ({cnn_note})",
+                "network": trained["binary"].spec,
                 "labels": list(BINARY_LABELS),
-                "output": "sigmoid: p_pneumonia",
+                "output": binary_output,
+                "score": config.binary_score,
+                "temperature": temperatures["binary"],
                 "threshold": references.binary_threshold,
                 **references.binary_rule,
                 "best_epoch": trained["binary"].best_epoch,
             },
             "multiclass": {
                 "file": "multiclass.pt",
-                "architecture": "multiclass_cnn",
+                "architecture": f"multiclass_cnn ({cnn_note})",
+                "network": trained["multiclass"].spec,
                 "labels": list(CLASS_LABELS),
-                "output": "softmax",
+                "output": "softmax(logits / T): p_normal, p_bacterial, p_viral",
+                "temperature": temperatures["multiclass"],
                 "best_epoch": trained["multiclass"].best_epoch,
             },
             "knn": {
@@ -314,6 +395,7 @@ def build_card(
             "autoencoder": {
                 "file": "autoencoder.pt",
                 "architecture": "conv_autoencoder",
+                "masking": config.autoencoder_masking,
                 "score": anomaly_kind,
                 "score_description": SCORE_DESCRIPTIONS[anomaly_kind],
                 "score_rule": (

@@ -1,7 +1,7 @@
 """One prediction path for training, evaluation and scoring: Ray Data model actors.
 
     decoded images (or raw bytes) -> ModelActor (CPU or GPU; loads the networks once)
-        -> "networks": raw outputs (p_pneumonia, probs, embedding, ae_mse, ae_code), which the
+        -> "networks": raw outputs (logits, probabilities, embedding, autoencoder scores), which the
            training job uses to choose thresholds and fit the KNN and normal references
         -> "bundle": every output column of the finished bundle (evaluation, scoring)
 
@@ -39,25 +39,37 @@ DECODE_MODES = ("auto", "cpu", "gpu")
 PASSTHROUGH = ("image_uri", "label_index", "image_bytes", "image_mtime_ns")
 
 
-def network_outputs(models: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, np.ndarray]:
+def network_outputs(
+    models: dict[str, torch.nn.Module], x: torch.Tensor, tta: str = "none", inpaint: bool = True
+) -> dict[str, np.ndarray]:
     """The raw outputs of whichever networks are given, for a batch ``x`` (B, 1, S, S).
 
-    ``p_pneumonia`` (binary), ``probs`` and ``embedding`` (three-class), ``ae_mse`` and
-    ``ae_code`` (autoencoder: pixel error and pooled latent code), as float32 numpy arrays.
+    ``binary_logit`` and ``p_pneumonia`` (binary; uncalibrated), ``multiclass_logits``,
+    ``probs`` (uncalibrated softmax) and ``embedding`` (three-class), ``ae_mse``, ``ae_code``
+    and, with ``inpaint``, ``ae_inpaint`` (autoencoder: pixel error, pooled latent code,
+    inpainting error), as float32 numpy arrays. ``tta="flip"`` averages the CNNs' logits and
+    embeddings over the image and its mirror image.
     """
     import torch
 
-    from pneumo_ray.models.anomaly import autoencoder_outputs
-    from pneumo_ray.models.knn import multiclass_outputs
+    from pneumo_ray.models.anomaly import autoencoder_outputs, inpainting_error
 
+    views = [x, torch.flip(x, dims=(3,))] if tta == "flip" else [x]
     out: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         if "binary" in models:
-            out["p_pneumonia"] = torch.sigmoid(models["binary"](x))
+            logit = torch.stack([models["binary"](v) for v in views]).mean(dim=0)
+            out["binary_logit"], out["p_pneumonia"] = logit, torch.sigmoid(logit)
         if "multiclass" in models:
-            out["probs"], out["embedding"] = multiclass_outputs(models["multiclass"], x)
+            model = models["multiclass"]  # eval mode: dropout off
+            embedding = torch.stack([model.embedding(v) for v in views]).mean(dim=0)
+            logits = torch.stack([model.head(model.embedding(v)) for v in views]).mean(dim=0)
+            out["multiclass_logits"], out["embedding"] = logits, embedding
+            out["probs"] = torch.softmax(logits, dim=1)
         if "autoencoder" in models:
             out["ae_mse"], out["ae_code"] = autoencoder_outputs(models["autoencoder"], x)
+            if inpaint:
+                out["ae_inpaint"] = inpainting_error(models["autoencoder"], x)
         return {key: value.float().cpu().numpy() for key, value in out.items()}
 
 
@@ -67,15 +79,17 @@ class Networks:
 
     image_size: int
     states: dict[str, dict]  # network name -> state dict
+    specs: dict[str, dict] | None = None  # network name -> build_network spec
+    tta: str = "none"
 
     def build(self, device: torch.device) -> dict[str, torch.nn.Module]:
         import torch
 
-        from pneumo_ray.train import build_network
+        from pneumo_ray.models import build_network
 
         models = {}
         for name, state in self.states.items():
-            model = build_network(name, self.image_size)
+            model = build_network(name, self.image_size, (self.specs or {}).get(name))
             model.load_state_dict(state)
             model.to(device).eval()
             if device.type == "cpu":
@@ -269,8 +283,10 @@ class ModelActor:
             source = load_bundle(source, self.device)
         if isinstance(source, Bundle):
             self.bundle, self.models = source.to(self.device), None
+            self.tta = source.tta
         else:
             self.bundle, self.models = None, source.build(self.device)
+            self.tta = source.tta
         if outputs not in OUTPUTS or (outputs == "bundle" and self.bundle is None):
             raise ValueError(f"outputs {outputs!r} needs a bundle source; got {type(source)}")
         self.outputs = outputs
@@ -297,7 +313,7 @@ class ModelActor:
         x = to_model_input(images).to(self.device)  # (B, 1, S, S)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        return network_outputs(models, x)
+        return network_outputs(models, x, self.tta)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         images, errors = self.images(batch)

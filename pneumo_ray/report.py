@@ -141,6 +141,31 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path:
     plt.close(fig)
 
 
+def plot_reliability(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path: str
+) -> None:
+    """Reliability diagram: observed pneumonia rate against mean predicted probability in
+    equal-width bins, with each curve's expected calibration error."""
+    from pneumo_ray.calibration import expected_calibration_error, reliability
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfectly calibrated")
+    for name, (probability, is_positive) in curves.items():
+        table = reliability(probability, is_positive)
+        used = table["count"] > 0
+        ece = expected_calibration_error(probability, is_positive)
+        ax.plot(
+            table["predicted"][used], table["observed"][used], "o-", label=f"{name} (ECE {ece:.3f})"
+        )
+    ax.set(xlabel="mean predicted probability", ylabel="observed rate", title=title)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_training_curves(histories: dict[str, list[dict]], path: str) -> None:
     fig, axes = plt.subplots(1, len(histories), figsize=(4.5 * len(histories), 3.6), squeeze=False)
     for ax, (name, history) in zip(axes[0], histories.items(), strict=True):

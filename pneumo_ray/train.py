@@ -30,22 +30,13 @@ from torchvision.transforms import v2
 from pneumo_ray import stores
 from pneumo_ray.config import TrainConfig
 from pneumo_ray.images import augment_batch, to_model_input, train_augmentation
-from pneumo_ray.models import ConvAutoencoder, binary_cnn, multiclass_cnn, reconstruction_error
+from pneumo_ray.models import NETWORKS, build_network, reconstruction_error
+from pneumo_ray.models.anomaly import masked_training_batch
 
-NETWORKS = ("binary", "multiclass", "autoencoder")
+__all__ = ["NETWORKS", "build_network", "fit_network", "train_step"]
 STATE_FILE = "state.pt"
 SHUFFLE_BUFFER = 512
 BN_CALIBRATION_IMAGES = 512  # recent clean training images that re-estimate BatchNorm stats
-
-
-def build_network(name: str, image_size: int) -> nn.Module:
-    if name == "binary":
-        return binary_cnn(image_size)
-    if name == "multiclass":
-        return multiclass_cnn(image_size)
-    if name == "autoencoder":
-        return ConvAutoencoder(image_size)
-    raise ValueError(f"unknown network {name!r}; expected one of {NETWORKS}")
 
 
 def class_weights(label_counts: dict[str, int], labels: tuple[str, ...]) -> list[float]:
@@ -55,14 +46,24 @@ def class_weights(label_counts: dict[str, int], labels: tuple[str, ...]) -> list
 
 
 def per_sample_loss(
-    name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None
+    name: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor | None,
+    masking: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss of each image (B,), correct predictions (B,) bool) for one batch.
 
     ``y`` is the three-class index; the binary network learns ``y > 0`` (pneumonia).
+    ``masking``: the share of the autoencoder's images given with patches hidden (it learns
+    to fill them in from their context; the target is always the clean image).
     """
     if name == "autoencoder":
-        loss = reconstruction_error(model, x)
+        if masking > 0:
+            loss = (model(masked_training_batch(x, masking)) - x).pow(2).mean(dim=(1, 2, 3))
+        else:
+            loss = reconstruction_error(model, x)
         return loss, torch.zeros_like(loss, dtype=torch.bool)
     logits = model(x)
     if name == "binary":
@@ -88,16 +89,17 @@ def train_step(
     augment: v2.Transform | None,
     dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    masking: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch ``x`` (B, 1, S, S) in [0, 1]; returns per-image
     (loss, correct), detached. ``dtype``: autocast dtype (None: fp32); ``scaler``: fp16's loss
-    scaling."""
+    scaling; ``masking``: see ``per_sample_loss``."""
     if augment is not None:
         x = augment_batch(x, augment)
     if x.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        loss, correct = per_sample_loss(name, model, x, y, weights)
+        loss, correct = per_sample_loss(name, model, x, y, weights, masking)
     loss = loss.float()
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -252,7 +254,7 @@ def start_worker_run(loop: dict) -> WorkerRun:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    model = build_network(loop["network"], loop["image_size"])
+    model = build_network(loop["network"], loop["image_size"], loop["spec"])
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -276,7 +278,7 @@ def start_worker_run(loop: dict) -> WorkerRun:
         schedule=schedule,
         scaler=scaler,
         weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-        augment=train_augmentation() if loop["augment"] else None,
+        augment=train_augmentation(loop["acquisition_shift"]) if loop["augment"] else None,
         device=device,
         dtype=dtype,
         rank=rank,
@@ -333,7 +335,7 @@ def train_epoch(run: WorkerRun, shard) -> tuple[list[float], list[torch.Tensor]]
             recent.popleft()
         loss, correct = train_step(
             run.name, run.model, run.optimizer, x, y, run.weights, run.augment,
-            run.dtype, run.scaler,
+            run.dtype, run.scaler, run.loop["masking"],
         )  # fmt: skip
         seen += len(y)
         loss_sum += float(loss.sum())
@@ -423,9 +425,10 @@ class TrainedNetwork:
     history: list[dict]
     best_epoch: int
     worker_nodes: list[str]  # Ray node id of each rank, in rank order
+    spec: dict | None = None  # architecture and normalization (build_network)
 
     def model(self, image_size: int) -> nn.Module:
-        model = build_network(self.name, image_size)
+        model = build_network(self.name, image_size, self.spec)
         model.load_state_dict(self.state_dict)
         return model.eval()
 
@@ -539,6 +542,9 @@ def fit_network(
             "batch_size": config.batch_size,
             "class_weights": weights,
             "augment": network != "autoencoder",
+            "spec": config.network_spec(network),
+            "acquisition_shift": config.acquisition_shift,
+            "masking": config.autoencoder_masking if network == "autoencoder" else 0.0,
             "seed": config.seed,
             "threads": scaling.cpus_per_worker,
             "precision": config.precision,
@@ -553,6 +559,7 @@ def fit_network(
         raise RuntimeError(f"{network}: training reported no checkpoint")
     with result.checkpoint.as_directory() as directory:
         state = load_state(os.path.join(directory, STATE_FILE))
+    spec = {k: v for k, v in config.network_spec(network).items() if k != "pretrained"}
     return TrainedNetwork(
-        network, state["best"], state["history"], state["best_epoch"], state["worker_nodes"]
+        network, state["best"], state["history"], state["best_epoch"], state["worker_nodes"], spec
     )

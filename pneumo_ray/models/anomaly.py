@@ -7,6 +7,12 @@ Two scores, both from the one autoencoder:
   global-average-pooled activations of all four blocks (32 + 64 + 128 + 256 values),
   standardized with the normal reference set's mean and spread. Its neighbours are real normal
   images, so a high score can be explained by showing them.
+- ``inpaint``: masked reconstruction (the line of SQUID, CVPR 2023, and SimSID). The image is
+  cut into an 8x8 grid of patches; four masks, each hiding one patch in every 2x2 block, hide
+  every patch exactly once. The autoencoder (trained with such masks on part of its normal
+  images, ``--autoencoder-masking``) fills the hidden patches from their context, and the
+  score is the mean squared error on the hidden patches only: what normal anatomy around a
+  patch does not predict.
 - ``mse``: the design's mean squared pixel reconstruction error. On the Kermany images
   pneumonia reconstructs *better* than normal (lungs filled with opacity are smoother), so
   this score ranks the classes backwards there; it stays available and is always reported.
@@ -28,8 +34,50 @@ from pneumo_ray.models.autoencoder import ConvAutoencoder
 SCORE_DESCRIPTIONS = {
     "latent": "mean distance of the autoencoder's pooled latent code to its k nearest normal "
     "training images (standardized features)",
+    "inpaint": "mean squared error of patches hidden from the autoencoder and filled in from "
+    "their context (8x8 patch grid, four complementary masks)",
     "mse": "mean squared pixel reconstruction error (the design's score)",
 }
+INPAINT_GRID = 8  # patches per side
+INPAINT_MASKS = 4  # mask m hides the patches (i, j) with (i % 2) * 2 + j % 2 == m
+
+
+def inpainting_masks(image_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(4, 1, S, S) bool: mask m is True on the patches it hides; together they hide every
+    pixel exactly once."""
+    patch = image_size // INPAINT_GRID
+    index = torch.arange(image_size, device=device) // patch
+    index = index.clamp(max=INPAINT_GRID - 1)
+    phase = (index[:, None] % 2) * 2 + index[None, :] % 2  # (S, S)
+    masks = torch.stack([phase == m for m in range(INPAINT_MASKS)])
+    return masks[:, None]
+
+
+def hide(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, 1, S, S) with the pixels under ``mask`` set to each image's mean."""
+    fill = x.mean(dim=(1, 2, 3), keepdim=True)
+    return torch.where(mask, fill, x)
+
+
+def masked_training_batch(x: torch.Tensor, probability: float) -> torch.Tensor:
+    """A training batch in which each image is hidden by one of the four masks (drawn at
+    random) with ``probability``; the target stays the clean image."""
+    if probability <= 0:
+        return x
+    masks = inpainting_masks(x.shape[-1], x.device)
+    which = torch.randint(0, INPAINT_MASKS, (len(x),), device=x.device)
+    chosen = masks[which] & (torch.rand(len(x), 1, 1, 1, device=x.device) < probability)
+    return hide(x, chosen)
+
+
+@torch.inference_mode()
+def inpainting_error(model: ConvAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared error of the hidden patches, over the four masks (B,)."""
+    masks = inpainting_masks(x.shape[-1], x.device)
+    error = torch.zeros_like(x)
+    for mask in masks:
+        error = torch.where(mask, (model(hide(x, mask)) - x).pow(2), error)
+    return error.mean(dim=(1, 2, 3))
 
 
 @torch.inference_mode()

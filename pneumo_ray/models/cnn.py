@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pneumo_ray.config import ARCHITECTURES, NORMALIZATIONS, TORCHVISION_ARCHITECTURES
+
 FILTERS = (32, 64, 128, 256)
 EMBEDDING_DIM = 128
 
@@ -49,9 +51,11 @@ class ChestCNN(nn.Module):
         image_size: int,
         block_dropout: tuple[float, float, float, float],
         dense_batchnorm: bool,
+        normalization: str = "none",
     ) -> None:
         super().__init__()
         check_image_size(image_size)
+        self.normalize = input_normalization(normalization)
         channels = (1, *FILTERS)
         self.features = nn.Sequential(
             *(conv_block(channels[i], channels[i + 1], block_dropout[i]) for i in range(4))
@@ -67,18 +71,150 @@ class ChestCNN(nn.Module):
 
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The 128-value penultimate representation."""  # (B, 1, S, S) -> (B, 128)
-        return self.embed(self.features(x))
+        return self.embed(self.features(self.normalize(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.dropout(self.embedding(x)))  # (B, num_outputs)
         return logits.squeeze(1) if self.num_outputs == 1 else logits
 
 
-def binary_cnn(image_size: int = 224) -> ChestCNN:
+def binary_cnn(image_size: int = 224, normalization: str = "none") -> ChestCNN:
     """Normal vs pneumonia; one logit (sigmoid gives p_pneumonia)."""
-    return ChestCNN(1, image_size, block_dropout=(0.0, 0.2, 0.3, 0.4), dense_batchnorm=True)
+    return ChestCNN(
+        1, image_size, (0.0, 0.2, 0.3, 0.4), dense_batchnorm=True, normalization=normalization
+    )
 
 
-def multiclass_cnn(image_size: int = 224) -> ChestCNN:
+def multiclass_cnn(image_size: int = 224, normalization: str = "none") -> ChestCNN:
     """Normal / bacterial / viral; three logits (softmax gives the class probabilities)."""
-    return ChestCNN(3, image_size, block_dropout=(0.0, 0.0, 0.2, 0.3), dense_batchnorm=False)
+    return ChestCNN(
+        3, image_size, (0.0, 0.0, 0.2, 0.3), dense_batchnorm=False, normalization=normalization
+    )
+
+
+# --- input normalization and torchvision architectures ----------------------------------------
+
+
+class PerImageStandardize(nn.Module):
+    """Each image to zero mean and unit variance: exposure, contrast and window level differ
+    between X-ray machines and sites, and the network should not learn them. Part of the
+    network, so training, evaluation and scoring apply it identically."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        return (x - mean) / (std + 1e-5)
+
+
+def input_normalization(normalization: str) -> nn.Module:
+    if normalization == "standardize":
+        return PerImageStandardize()
+    if normalization == "none":
+        return nn.Identity()
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+
+def _one_channel_stem(conv: nn.Conv2d) -> nn.Conv2d:
+    """An RGB stem convolution -> the same convolution on one grayscale channel.
+
+    The weights are summed over the three input channels: on a gray image copied to R, G and
+    B, the one-channel stem gives exactly what the RGB stem gave (ImageNet weights keep their
+    meaning).
+    """
+    stem = nn.Conv2d(
+        1,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
+    with torch.no_grad():
+        stem.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            stem.bias.copy_(conv.bias)
+    return stem
+
+
+def _replace_stem(backbone: nn.Module, architecture: str) -> int:
+    """Swap the backbone's first convolution for a one-channel one and drop its classifier;
+    returns the width of its pooled features."""
+    if architecture.startswith("resnet"):
+        backbone.conv1 = _one_channel_stem(backbone.conv1)
+        width = backbone.fc.in_features
+        backbone.fc = nn.Identity()
+    elif architecture.startswith("densenet"):
+        backbone.features.conv0 = _one_channel_stem(backbone.features.conv0)
+        width = backbone.classifier.in_features
+        backbone.classifier = nn.Identity()
+    else:  # efficientnet, mobilenet: features[0][0] is the stem, classifier[-1] the last linear
+        backbone.features[0][0] = _one_channel_stem(backbone.features[0][0])
+        width = backbone.classifier[-1].in_features
+        backbone.classifier = nn.Identity()
+    return width
+
+
+def imagenet_state_dict(architecture: str, pretrained: str) -> dict:
+    """The ImageNet weights of a torchvision architecture: ``imagenet`` through torchvision's
+    weights API (downloaded once to $TORCH_HOME/hub/checkpoints, or read from there), or a
+    path to a state dict file of the same architecture."""
+    if pretrained == "imagenet":
+        from torchvision.models import get_model_weights
+
+        weights = get_model_weights(architecture).DEFAULT
+        return weights.get_state_dict(progress=False)
+    return torch.load(pretrained, weights_only=True, map_location="cpu")
+
+
+class TorchvisionCNN(nn.Module):
+    """A torchvision backbone with a one-channel stem, then the design's 128-unit embedding
+    and a linear head, so the KNN and the bundle see the same interface as ``ChestCNN``."""
+
+    def __init__(
+        self,
+        num_outputs: int,
+        architecture: str,
+        normalization: str = "none",
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        from torchvision import models
+
+        if architecture not in TORCHVISION_ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        backbone = models.get_model(architecture, weights=None)
+        if pretrained:
+            backbone.load_state_dict(imagenet_state_dict(architecture, pretrained))
+        width = _replace_stem(backbone, architecture)
+        self.normalize = input_normalization(normalization)
+        self.features = backbone
+        self.embed = nn.Sequential(nn.Linear(width, EMBEDDING_DIM), nn.ReLU(True))
+        self.dropout = nn.Dropout(0.5)
+        self.head = nn.Linear(EMBEDDING_DIM, num_outputs)
+        self.num_outputs = num_outputs
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.features(self.normalize(x)))  # (B, 1, S, S) -> (B, 128)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.dropout(self.embedding(x)))
+        return logits.squeeze(1) if self.num_outputs == 1 else logits
+
+
+def build_cnn(
+    num_outputs: int,
+    image_size: int,
+    architecture: str = "seed",
+    normalization: str = "none",
+    pretrained: str | None = None,
+) -> nn.Module:
+    """The binary (1 output) or three-class (3 outputs) network of ``architecture``."""
+    if architecture == "seed":
+        if pretrained:
+            raise ValueError("--pretrained needs a torchvision --architecture, not seed")
+        factory = binary_cnn if num_outputs == 1 else multiclass_cnn
+        return factory(image_size, normalization)
+    check_image_size(image_size)
+    return TorchvisionCNN(num_outputs, architecture, normalization, pretrained)
