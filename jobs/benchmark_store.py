@@ -109,6 +109,7 @@ def write_history(output: str, entries: list[tuple[str, int, int]], model_versio
             "image_uri": [e[0] for e in chunk],
             "p_pneumonia": p,
             "pred_binary": np.where(p >= 0.5, "pneumonia", "normal"),
+            "p_pneumonia_cnn": p,
             "p_normal": probs[:, 0],
             "p_bacterial": probs[:, 1],
             "p_viral": probs[:, 2],

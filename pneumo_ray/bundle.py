@@ -126,7 +126,7 @@ class Bundle:
 
     def temperature(self, name: str) -> float:
         """The temperature fitted on validation for ``binary`` or ``multiclass`` (1: none)."""
-        return float(self.card["models"][name].get("temperature", 1.0))
+        return float(self.card["models"].get(name, {}).get("temperature", 1.0))
 
     def to(self, device: torch.device | str) -> Bundle:
         for model in (self.binary, self.multiclass, self.autoencoder):
@@ -291,7 +291,7 @@ def load_bundle(uri: str, device: torch.device | str = "cpu") -> Bundle:
     card = read_card(uri)
     size = int(card["image_size"])
     models = {
-        name: build_network(name, size, card["models"][name].get("network"))
+        name: build_network(name, size, card["models"].get(name, {}).get("network"))
         for name in WEIGHT_FILES
     }
     for name, model in models.items():

@@ -400,7 +400,7 @@ def build_card(
                 "score_description": SCORE_DESCRIPTIONS[anomaly_kind],
                 "score_rule": (
                     f"--anomaly-score {config.anomaly_score}"
-                    + (": higher validation ROC AUC" if config.anomaly_score == "auto" else "")
+                    + (": highest validation ROC AUC" if config.anomaly_score == "auto" else "")
                 ),
                 "threshold": references.anomaly_threshold,
                 "threshold_rule": (

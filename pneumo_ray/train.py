@@ -293,6 +293,11 @@ def start_worker_run(loop: dict) -> WorkerRun:
             "best": None,
         },
     )
+    pretrained = loop["spec"].get("pretrained")
+    if pretrained and rank == 0 and not ray.train.get_checkpoint():
+        _progress(
+            f"[{loop['network']}] initial weights: {pretrained} ({loop['spec']['architecture']})"
+        )
     _restore(run)
     node = ray.get_runtime_context().get_node_id()
     worker_nodes = [node]

@@ -94,3 +94,19 @@ def trained(subset_store, tmp_path_factory, job_env):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return bundle, result.stdout + result.stderr
+
+
+def write_imagenet_stand_in(torch_home: Path):
+    """A seeded resnet18 state dict where torchvision's weights API looks for the ImageNet
+    file under ``$TORCH_HOME``: pretrained loading is tested without a download. Returns the
+    source model and the file's path."""
+    import torch
+    from torchvision.models import get_model_weights, resnet18
+
+    torch.manual_seed(123)
+    source = resnet18()
+    url = get_model_weights("resnet18").DEFAULT.url
+    target = torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(source.state_dict(), target)
+    return source, str(target)

@@ -50,6 +50,7 @@ def fake_predictions(n: int, seed: int = 0, images_per_patient: int = 1) -> dict
         "label": label,
         "p_pneumonia": p_pneumonia,
         "pred_binary": np.where(p_pneumonia >= 0.5, "pneumonia", "normal"),
+        "p_pneumonia_cnn": np.clip(p_pneumonia + rng.normal(0, 0.1, n), 0, 1),
         "p_normal": probs[:, 0],
         "p_bacterial": probs[:, 1],
         "p_viral": probs[:, 2],
