@@ -312,7 +312,9 @@ def fit_references(
         + f"); KNN on {knn.feature_kind} with k={knn.k} (validation accuracy "
         + f"{knn_val_accuracy[knn.feature_kind][str(knn.k)]:.3f}); temperatures "
         + ", ".join(f"{k} {t:.3f}" for k, t in calibrated["temperatures"].items())
-        + f" (validation ECE of p_pneumonia {calibrated['validation_ece']})"
+        + " (validation ECE of p_pneumonia {uncalibrated:.3f} -> {calibrated:.3f})".format(
+            **{k: v["p_pneumonia"] for k, v in calibrated["validation_ece"].items()}
+        )
     )
     return references
 

@@ -62,9 +62,10 @@ def network_outputs(
             out["binary_logit"], out["p_pneumonia"] = logit, torch.sigmoid(logit)
         if "multiclass" in models:
             model = models["multiclass"]  # eval mode: dropout off
-            embedding = torch.stack([model.embedding(v) for v in views]).mean(dim=0)
-            logits = torch.stack([model.head(model.embedding(v)) for v in views]).mean(dim=0)
-            out["multiclass_logits"], out["embedding"] = logits, embedding
+            embeddings = [model.embedding(v) for v in views]
+            logits = torch.stack([model.head(e) for e in embeddings]).mean(dim=0)
+            out["multiclass_logits"] = logits
+            out["embedding"] = torch.stack(embeddings).mean(dim=0)
             out["probs"] = torch.softmax(logits, dim=1)
         if "autoencoder" in models:
             out["ae_mse"], out["ae_code"] = autoencoder_outputs(models["autoencoder"], x)

@@ -44,7 +44,7 @@ def test_every_architecture_takes_one_channel_and_gives_logits_and_an_embedding(
     assert embedding.shape == (2, 128)
 
 
-@pytest.mark.parametrize("architecture", ["resnet18", "densenet121", "efficientnet_b0"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_bundle_round_trip_keeps_every_architecture(tmp_path, architecture):
     bundle = tiny_bundle()
     spec = {"architecture": architecture, "normalization": "standardize"}
