@@ -18,7 +18,7 @@ from pneumo_ray.calibration import (
 )
 from pneumo_ray.config import ARCHITECTURES, ConfigError, TrainConfig
 from pneumo_ray.images import AcquisitionShift, to_model_input
-from pneumo_ray.models import ConvAutoencoder, TorchvisionCNN, build_network
+from pneumo_ray.models import ChestCNN, ConvAutoencoder, TorchvisionCNN, build_network
 from pneumo_ray.models.anomaly import (
     hide,
     inpainting_error,
@@ -58,9 +58,9 @@ def test_bundle_round_trip_keeps_every_architecture(tmp_path, architecture):
     before = bundle.predict(images)
     write_bundle(bundle, str(tmp_path / "b"))
     loaded = load_bundle(str(tmp_path / "b"))
-    assert isinstance(loaded.binary, TorchvisionCNN) and isinstance(
-        loaded.multiclass, TorchvisionCNN
-    )
+    expected_type = ChestCNN if architecture == "seed" else TorchvisionCNN
+    assert isinstance(loaded.binary, expected_type)
+    assert isinstance(loaded.multiclass, expected_type)
     after = loaded.predict(images)
     for column in ("p_pneumonia", "p_pneumonia_cnn", "p_normal", "p_viral"):
         np.testing.assert_allclose(after[column], before[column], rtol=1e-4, atol=1e-6)
