@@ -56,7 +56,7 @@ def test_bundle_holds_every_file(trained):
     )
     assert len(card["data_fingerprint"]["train"]["sha256"]) == 64
     assert card["versions"]["ray"] == "2.60.0"
-    assert set(card["metrics"]["test"]) == set(MODELS)
+    assert set(card["metrics"]["test"]) == {*MODELS, "binary_cnn"}  # + the binary network alone
     assert card["metrics"]["bootstrap"]["replicates"] == 1000
     assert card["training"]["class_weights"]["binary"][0] > 1.0  # normal is the minority
 
