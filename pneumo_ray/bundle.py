@@ -124,6 +124,11 @@ class Bundle:
         """What p_pneumonia is: ``combined`` or ``network`` (the binary network alone)."""
         return str(self.card["models"]["binary"].get("score", "network"))
 
+    @property
+    def inpaint(self) -> bool:
+        """Whether the anomaly score needs the inpainting passes (four autoencoder passes)."""
+        return self.anomaly_score_kind == "inpaint"
+
     def temperature(self, name: str) -> float:
         """The temperature fitted on validation for ``binary`` or ``multiclass`` (1: none)."""
         return float(self.card["models"].get(name, {}).get("temperature", 1.0))
@@ -158,19 +163,17 @@ class Bundle:
         x = to_model_input(images).to(self.device)  # (B, 1, S, S)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        inpaint = self.anomaly_score_kind == "inpaint"
-        return self.finish(network_outputs(self.networks, x, self.tta, inpaint=inpaint))
+        return self.finish(network_outputs(self.networks, x, self.tta, inpaint=self.inpaint))
 
     def calibrated(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``p_pneumonia_cnn`` (the binary network), ``probs`` (three-class) with the card's
         temperatures, and ``p_pneumonia``: the card's binary score of the two."""
-        from pneumo_ray.calibration import combined_score, sigmoid, softmax
+        from pneumo_ray.calibration import calibrated_outputs
 
-        p_cnn = sigmoid(raw["binary_logit"] / self.temperature("binary"))
-        probs = softmax(raw["multiclass_logits"] / self.temperature("multiclass"))
-        combined = combined_score(p_cnn, probs[:, 0])
-        p = combined if self.binary_score == "combined" else p_cnn
-        return {"p_pneumonia": p, "p_pneumonia_cnn": p_cnn, "probs": probs}
+        temperatures = {name: self.temperature(name) for name in ("binary", "multiclass")}
+        return calibrated_outputs(
+            raw["binary_logit"], raw["multiclass_logits"], temperatures, self.binary_score
+        )
 
     def anomaly_scores(self, raw: dict[str, np.ndarray]) -> np.ndarray:
         """The anomaly score the card names, from the autoencoder's raw outputs."""

@@ -59,6 +59,21 @@ def combined_score(p_binary: np.ndarray, p_normal: np.ndarray) -> np.ndarray:
     return (np.asarray(p_binary) + 1.0 - np.asarray(p_normal)) / 2.0
 
 
+def calibrated_outputs(
+    binary_logit: np.ndarray,
+    multiclass_logits: np.ndarray,
+    temperatures: dict[str, float],
+    binary_score: str,
+) -> dict[str, np.ndarray]:
+    """The CNNs' raw logits -> ``p_pneumonia_cnn`` (the binary network, sigmoid(logit / T)),
+    ``probs`` (three-class softmax(logits / T)) and ``p_pneumonia``: ``combined_score`` of
+    the two for ``binary_score`` "combined", else ``p_pneumonia_cnn``."""
+    p_cnn = sigmoid(np.asarray(binary_logit) / temperatures["binary"])
+    probs = softmax(np.asarray(multiclass_logits) / temperatures["multiclass"])
+    p = combined_score(p_cnn, probs[:, 0]) if binary_score == "combined" else p_cnn
+    return {"p_pneumonia": p, "p_pneumonia_cnn": p_cnn, "probs": probs}
+
+
 def reliability(
     probability: np.ndarray, is_positive: np.ndarray, bins: int = ECE_BINS
 ) -> dict[str, np.ndarray]:

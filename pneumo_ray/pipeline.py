@@ -101,14 +101,11 @@ def _calibrate(config: TrainConfig, val_out: dict) -> dict:
 
 
 def _binary_scores(config: TrainConfig, val_out: dict, temperatures: dict) -> dict:
-    """p_pneumonia (the --binary-score) and p_pneumonia_cnn from raw outputs."""
-    p_cnn = calibration.sigmoid(val_out["binary_logit"] / temperatures["binary"])
-    probs = calibration.softmax(val_out["multiclass_logits"] / temperatures["multiclass"])
-    combined = calibration.combined_score(p_cnn, probs[:, 0])
-    return {
-        "p_pneumonia": combined if config.binary_score == "combined" else p_cnn,
-        "p_pneumonia_cnn": p_cnn,
-    }
+    """p_pneumonia (the --binary-score) and p_pneumonia_cnn from raw outputs, as the bundle
+    computes them."""
+    return calibration.calibrated_outputs(
+        val_out["binary_logit"], val_out["multiclass_logits"], temperatures, config.binary_score
+    )
 
 
 def _binary_threshold(config: TrainConfig, val_out: dict, temperatures: dict) -> tuple[float, dict]:
@@ -284,15 +281,18 @@ def fit_references(
     the cluster; choose the thresholds and fit the KNN and the normal reference."""
     log(f"choosing thresholds and KNN features on validation ({plan.describe()})")
 
-    def networks(*names: str) -> Networks:
+    def networks(*names: str, inpaint: bool = False) -> Networks:
         return Networks(
             config.image_size,
             {name: trained[name].state_dict for name in names},
             {name: trained[name].spec for name in names},
             config.tta,
+            inpaint,
         )
 
-    val_out = run_models(splits.val.dataset, networks(*NETWORKS), plan)
+    # The inpainting score (four autoencoder passes) is needed on validation only, where the
+    # anomaly score is chosen; the normal reference needs the latent codes alone.
+    val_out = run_models(splits.val.dataset, networks(*NETWORKS, inpaint=True), plan)
     train_out = run_models(splits.train.dataset, networks("multiclass"), plan)
     normal_train_out = run_models(splits.normal_train, networks("autoencoder"), plan)
     calibrated = _calibrate(config, val_out)

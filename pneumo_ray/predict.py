@@ -82,6 +82,7 @@ class Networks:
     states: dict[str, dict]  # network name -> state dict
     specs: dict[str, dict] | None = None  # network name -> build_network spec
     tta: str = "none"
+    inpaint: bool = True  # compute the autoencoder's inpainting error (four more passes)
 
     def build(self, device: torch.device) -> dict[str, torch.nn.Module]:
         import torch
@@ -284,10 +285,9 @@ class ModelActor:
             source = load_bundle(source, self.device)
         if isinstance(source, Bundle):
             self.bundle, self.models = source.to(self.device), None
-            self.tta = source.tta
         else:
             self.bundle, self.models = None, source.build(self.device)
-            self.tta = source.tta
+        self.tta, self.inpaint = source.tta, source.inpaint
         if outputs not in OUTPUTS or (outputs == "bundle" and self.bundle is None):
             raise ValueError(f"outputs {outputs!r} needs a bundle source; got {type(source)}")
         self.outputs = outputs
@@ -314,7 +314,7 @@ class ModelActor:
         x = to_model_input(images).to(self.device)  # (B, 1, S, S)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        return network_outputs(models, x, self.tta)
+        return network_outputs(models, x, self.tta, self.inpaint)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         images, errors = self.images(batch)

@@ -60,10 +60,7 @@ def per_sample_loss(
     to fill them in from their context; the target is always the clean image).
     """
     if name == "autoencoder":
-        if masking > 0:
-            loss = (model(masked_training_batch(x, masking)) - x).pow(2).mean(dim=(1, 2, 3))
-        else:
-            loss = reconstruction_error(model, x)
+        loss = reconstruction_error(model, x, shown=masked_training_batch(x, masking))
         return loss, torch.zeros_like(loss, dtype=torch.bool)
     logits = model(x)
     if name == "binary":

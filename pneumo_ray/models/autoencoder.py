@@ -51,6 +51,9 @@ class ConvAutoencoder(nn.Module):
         return self.decoder(self.encoder(x))  # (B, 1, S, S)
 
 
-def reconstruction_error(model: ConvAutoencoder, x: torch.Tensor) -> torch.Tensor:
-    """Per-image mean squared reconstruction error."""  # (B, 1, S, S) -> (B,)
-    return (model(x) - x).pow(2).mean(dim=(1, 2, 3))
+def reconstruction_error(
+    model: ConvAutoencoder, x: torch.Tensor, shown: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-image mean squared error of the model's output against ``x`` (B, 1, S, S) -> (B,),
+    the model being shown ``shown`` (``x`` itself by default; a masked ``x`` to inpaint)."""
+    return (model(x if shown is None else shown) - x).pow(2).mean(dim=(1, 2, 3))

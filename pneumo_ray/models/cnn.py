@@ -42,7 +42,27 @@ def check_image_size(image_size: int) -> None:
         )
 
 
-class ChestCNN(nn.Module):
+class EmbeddingCNN(nn.Module):
+    """What the KNN and the bundle use of a CNN: ``normalize`` -> ``features`` -> ``embed``
+    (128 values) -> dropout -> ``head`` (``num_outputs`` logits). Subclasses build the parts."""
+
+    normalize: nn.Module
+    features: nn.Module
+    embed: nn.Module
+    dropout: nn.Module
+    head: nn.Module
+    num_outputs: int
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The 128-value penultimate representation."""  # (B, 1, S, S) -> (B, 128)
+        return self.embed(self.features(self.normalize(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.dropout(self.embedding(x)))  # (B, num_outputs)
+        return logits.squeeze(1) if self.num_outputs == 1 else logits
+
+
+class ChestCNN(EmbeddingCNN):
     """Four conv blocks, a 128-unit embedding, and a linear head of ``num_outputs`` logits."""
 
     def __init__(
@@ -68,14 +88,6 @@ class ChestCNN(nn.Module):
         self.dropout = nn.Dropout(0.5)
         self.head = nn.Linear(EMBEDDING_DIM, num_outputs)
         self.num_outputs = num_outputs
-
-    def embedding(self, x: torch.Tensor) -> torch.Tensor:
-        """The 128-value penultimate representation."""  # (B, 1, S, S) -> (B, 128)
-        return self.embed(self.features(self.normalize(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.dropout(self.embedding(x)))  # (B, num_outputs)
-        return logits.squeeze(1) if self.num_outputs == 1 else logits
 
 
 def binary_cnn(image_size: int = 224, normalization: str = "none") -> ChestCNN:
@@ -168,9 +180,9 @@ def imagenet_state_dict(architecture: str, pretrained: str) -> dict:
     return torch.load(pretrained, weights_only=True, map_location="cpu")
 
 
-class TorchvisionCNN(nn.Module):
+class TorchvisionCNN(EmbeddingCNN):
     """A torchvision backbone with a one-channel stem, then the design's 128-unit embedding
-    and a linear head, so the KNN and the bundle see the same interface as ``ChestCNN``."""
+    and a linear head: the same ``EmbeddingCNN`` as ``ChestCNN`` to the KNN and the bundle."""
 
     def __init__(
         self,
@@ -194,13 +206,6 @@ class TorchvisionCNN(nn.Module):
         self.dropout = nn.Dropout(0.5)
         self.head = nn.Linear(EMBEDDING_DIM, num_outputs)
         self.num_outputs = num_outputs
-
-    def embedding(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.features(self.normalize(x)))  # (B, 1, S, S) -> (B, 128)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.dropout(self.embedding(x)))
-        return logits.squeeze(1) if self.num_outputs == 1 else logits
 
 
 def build_cnn(
