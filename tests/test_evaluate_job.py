@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -92,10 +93,11 @@ def test_quality_script_trains_evaluates_and_checks_targets(subset_store, job_en
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stdout = result.stdout
     assert "profile smoke: jobs/train.py --data" in stdout
+    assert re.search(r"^profile smoke: \d+ min \d+ s in all$", stdout, re.M), stdout[-2000:]
     card = json.loads((output / "card.json").read_text())
     assert card["image_size"] == 32 and card["training"]["config"]["limit"] == 20
     assert card["models"]["autoencoder"]["score"] == "mse"  # extra flags reach train.py
-    metrics = json.loads((output / "evaluation" / "test" / "metrics.json").read_text())["test"]
+    metrics = json.loads((output / "report" / "metrics.json").read_text())["test"]
     table = stdout[stdout.index("against the targets") :]
     for model, figure, target in (
         ("binary", "roc_auc", 0.95),
