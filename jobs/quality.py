@@ -16,16 +16,12 @@ import argparse
 import shlex
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
-
-import train  # noqa: E402  (jobs/train.py, beside this file)
-
-from pneumo_ray.errors import USER_ERRORS  # noqa: E402
-from pneumo_ray.evaluation import results_table  # noqa: E402
-from pneumo_ray.pipeline import run_training  # noqa: E402
-from pneumo_ray.runtime import init_ray  # noqa: E402
+from pneumo_ray import cli
+from pneumo_ray.errors import USER_ERRORS
+from pneumo_ray.evaluation import results_table
+from pneumo_ray.pipeline import run_training
+from pneumo_ray.runtime import init_ray
 
 # Robustness to another site's images (issue 11), fixed before the run that tests them (the
 # validation split comes from the training source, so it cannot judge them): acquisition-shift
@@ -90,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, extra = parser.parse_known_args(argv)
     train_argv = ["--data", args.data, "--output", args.output, *PROFILES[args.profile], *extra]
     print(f"[pneumo_ray] profile {args.profile}: jobs/train.py {shlex.join(train_argv)}")
-    config = train.config_from_args(train.parse_args(train_argv))
+    config = cli.train_config(cli.train_parser("quality.py").parse_args(train_argv))
     init_ray(args.address)
     started = time.perf_counter()
     # run_training evaluates the bundle on the test split itself (its report is in

@@ -160,13 +160,8 @@ class TrainConfig:
                 raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
             for network in (self.binary, self.multiclass, self.autoencoder):
                 network.epochs = self.epochs
-        for network in (self.binary, self.multiclass, self.autoencoder):
-            if network.lr_schedule not in LR_SCHEDULES:
-                raise ConfigError(
-                    f"--lr-schedule must be constant or cosine; got {network.lr_schedule!r}"
-                )
-            if network.weight_decay < 0:
-                raise ConfigError(f"--weight-decay must be 0 or more, got {network.weight_decay}")
+        for name in ("binary", "multiclass", "autoencoder"):
+            self._check_network(name)
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -176,6 +171,8 @@ class TrainConfig:
             raise ConfigError(
                 f"--precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
             )
+        if self.max_failures < 0:
+            raise ConfigError(f"--max-failures must be 0 or more, got {self.max_failures}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ConfigError(f"--cpus-per-worker must be at least 1, got {self.cpus_per_worker}")
         if self.knn_k is not None and self.knn_k < 1:
@@ -229,6 +226,28 @@ class TrainConfig:
             raise ConfigError(
                 f"--target-sensitivity must be in [0.5, 1], got {self.target_sensitivity}"
             )
+
+    def _check_network(self, name: str) -> None:
+        """One network's settings, after every flag that sets them (--epochs and the
+        per-network flags) has been applied."""
+        network = self.network(name)
+        if not isinstance(network.epochs, int) or network.epochs < 1:
+            raise ConfigError(
+                f"--{name}-epochs (or --epochs) must be at least 1, got {network.epochs}"
+            )
+        if not network.lr > 0:
+            raise ConfigError(f"--lr-{name} must be positive, got {network.lr}")
+        patience = network.early_stopping_patience
+        if patience is not None and patience < 0:
+            raise ConfigError(f"--{name}-patience must be 0 (off) or more, got {patience}")
+        if network.early_stopping_patience == 0:
+            network.early_stopping_patience = None  # 0 on the command line means off
+        if network.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"--lr-schedule must be constant or cosine; got {network.lr_schedule!r}"
+            )
+        if not network.weight_decay >= 0:
+            raise ConfigError(f"--weight-decay must be 0 or more, got {network.weight_decay}")
 
     def network(self, name: str) -> NetworkConfig:
         return getattr(self, name)

@@ -105,6 +105,10 @@ class ScoreConfig:
             raise ConfigError(f"--lock-ttl must be positive seconds, got {self.lock_ttl_s}")
         if self.rescore and self.only_new:
             raise ConfigError("--rescore and --only-new contradict each other: give one")
+        if self.threads_per_actor is not None and self.threads_per_actor < 1:
+            raise ConfigError(
+                f"--threads-per-actor must be at least 1, got {self.threads_per_actor}"
+            )
         self.num_workers = parse_worker_range(self.num_workers)
         if self.decode not in DECODE_MODES:
             raise ConfigError(

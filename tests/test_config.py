@@ -37,8 +37,9 @@ def test_settings_that_shape_a_network_change_its_run_key():
 
 
 def test_knn_k_flag_takes_auto_or_a_number(capsys):
-    from jobs.train import parse_args
+    from pneumo_ray.cli import train_parser
 
+    parse_args = train_parser().parse_args
     assert parse_args(["--data", "/s", "--output", "/o"]).knn_k is None
     assert parse_args(["--data", "/s", "--output", "/o", "--knn-k", "auto"]).knn_k is None
     assert parse_args(["--data", "/s", "--output", "/o", "--knn-k", "25"]).knn_k == 25

@@ -1,0 +1,455 @@
+"""The command lines of the three jobs: ``pneumo-train``, ``pneumo-score``, ``pneumo-evaluate``.
+
+The console scripts of ``pyproject.toml`` and the thin ``jobs/*.py`` wrappers (what ``ray job
+submit --working-dir . -- python jobs/train.py ...`` runs) both end here. Every value is
+validated once, by the config dataclass, after every flag has been applied; a bad value exits
+with one line that names the flag (exit code 2 for a flag argparse refuses, 1 for a value the
+settings refuse, as for every other error a user can fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+
+from pneumo_ray.config import (
+    ANOMALY_SCORES,
+    ARCHITECTURES,
+    BINARY_SCORES,
+    BINARY_THRESHOLD_RULES,
+    LR_SCHEDULES,
+    NORMALIZATIONS,
+    PRECISIONS,
+    TTA_MODES,
+    ConfigError,
+    NetworkConfig,
+    TrainConfig,
+)
+
+NETWORK_NAMES = ("binary", "multiclass", "autoencoder")
+KNN_K_CANDIDATES = (5, 15, 25, 51)  # pneumo_ray.models.knn's; repeated so --help needs no torch
+BOOTSTRAP_REPLICATES = 1000  # pneumo_ray.evaluation's, for the same reason
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose refusals are one line (``prog: error: ...``), not a usage
+    block: a scheduler's log then shows the reason, and nothing else."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_or_auto(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number, got {text!r}") from None
+
+
+def _add_cluster_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """The flags every job shares: where Ray is, and how loud the console is."""
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS, else embedded Ray)",
+    )
+    parser.add_argument(
+        "--use-gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"{what} on GPUs, asking the autoscaler for GPU nodes when none is up "
+        "(default: GPUs when the cluster has them now)",
+    )
+
+
+# --- pneumo-train -----------------------------------------------------------------------------
+
+
+def train_parser(prog: str | None = None) -> Parser:
+    parser = Parser(
+        prog=prog,
+        description="Train the four chest X-ray models on a labelled image store (Kaggle "
+        "layout) and write a model bundle. STORE and BUNDLE are local paths or s3:// URIs.",
+    )
+    parser.add_argument("--data", required=True, help="labelled store (Kaggle layout)")
+    parser.add_argument("--output", required=True, help="where the bundle goes")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs for every network (default: the design's 10/10/30); the per-network "
+        "flags below override it",
+    )
+    for name in NETWORK_NAMES:
+        parser.add_argument(f"--{name}-epochs", type=int, default=None)
+    parser.add_argument("--lr-binary", type=float, default=None, help="default 3e-5")
+    parser.add_argument("--lr-multiclass", type=float, default=None, help="default 1e-3")
+    parser.add_argument("--lr-autoencoder", type=float, default=None, help="default 1e-3")
+    parser.add_argument(
+        "--multiclass-patience",
+        type=int,
+        default=None,
+        help="three-class early stopping: epochs without val-loss gain (default 3; 0 = off)",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        default=None,
+        choices=LR_SCHEDULES,
+        help="per-epoch learning rate of every network (default constant: the design's)",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="AdamW weight decay of the two CNNs (default 0: the design's Adam)",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="at most N training images per class (smoke runs)"
+    )
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--num-workers",
+        default=None,
+        metavar="N|MIN-MAX",
+        help="Ray Train workers: N, or MIN-MAX for elastic training that grows as the "
+        "autoscaler adds nodes (default: one per GPU up now, else 1)",
+    )
+    _add_cluster_flags(parser, "train")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="autocast precision (auto: bf16 on GPUs that support it, fp32 on CPU)",
+    )
+    parser.add_argument("--cpus-per-worker", type=int, default=None)
+    parser.add_argument(
+        "--storage-path", default=None, help="checkpoint storage (default: <output>/checkpoints)"
+    )
+    parser.add_argument("--max-failures", type=int, default=2)
+    parser.add_argument(
+        "--knn-k",
+        type=_int_or_auto,
+        default=None,
+        metavar="{auto,K}",
+        help=f"KNN neighbours; auto (default): best validation accuracy of {KNN_K_CANDIDATES}",
+    )
+    parser.add_argument(
+        "--knn-features", default="softmax", choices=["auto", "softmax", "embedding"]
+    )
+    parser.add_argument("--anomaly-percentile", type=float, default=95.0)
+    parser.add_argument(
+        "--anomaly-score",
+        default="auto",
+        choices=["auto", *ANOMALY_SCORES],
+        help="autoencoder anomaly score (auto: the highest validation AUC)",
+    )
+    parser.add_argument(
+        "--autoencoder-masking",
+        type=float,
+        default=0.0,
+        help="share of the autoencoder's training images shown with patches hidden, so it "
+        "learns to inpaint them (the inpaint score); 0 = the design's plain autoencoder",
+    )
+    parser.add_argument(
+        "--architecture",
+        default="seed",
+        choices=ARCHITECTURES,
+        help="the two CNNs: the design's (seed) or a torchvision backbone, one-channel stem",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="imagenet|FILE",
+        help="initial weights of a torchvision --architecture: imagenet (torchvision's "
+        "weights API; downloads once to $TORCH_HOME) or a state dict file",
+    )
+    parser.add_argument(
+        "--normalization",
+        default="none",
+        choices=NORMALIZATIONS,
+        help="the CNNs' input normalization, inside the networks (standardize: per image)",
+    )
+    parser.add_argument(
+        "--acquisition-shift",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="augment CNN training with site differences: blur/sharpening, gamma, noise, "
+        "JPEG recompression, resampling",
+    )
+    parser.add_argument(
+        "--tta",
+        default="none",
+        choices=TTA_MODES,
+        help="test-time augmentation of the CNNs (flip: mean over the image and its mirror)",
+    )
+    parser.add_argument(
+        "--binary-score",
+        default="combined",
+        choices=BINARY_SCORES,
+        help="p_pneumonia: combined (mean of the binary network's and the three-class "
+        "network's 1 - p_normal) or network (the binary network's)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="temperature-scale both CNNs on validation",
+    )
+    parser.add_argument("--anomaly-k", type=int, default=5)
+    parser.add_argument(
+        "--binary-threshold",
+        default="sensitivity",
+        choices=BINARY_THRESHOLD_RULES,
+        help="how the binary threshold is chosen on validation",
+    )
+    parser.add_argument("--target-sensitivity", type=float, default=0.95)
+    return parser
+
+
+def _networks(args: argparse.Namespace) -> dict[str, NetworkConfig]:
+    """Each network's settings: the design's, then --epochs, then the per-network flags.
+    Nothing is validated here: TrainConfig does that once, on the result."""
+    defaults = {
+        field.name: field.default_factory()
+        for field in dataclasses.fields(TrainConfig)
+        if field.name in NETWORK_NAMES
+    }
+    for name, network in defaults.items():
+        if args.epochs is not None:
+            network.epochs = args.epochs
+        if getattr(args, f"{name}_epochs") is not None:
+            network.epochs = getattr(args, f"{name}_epochs")
+        if getattr(args, f"lr_{name}") is not None:
+            network.lr = getattr(args, f"lr_{name}")
+        if args.lr_schedule is not None:
+            network.lr_schedule = args.lr_schedule
+        if args.weight_decay is not None and name != "autoencoder":
+            network.weight_decay = args.weight_decay
+    if args.multiclass_patience is not None:
+        defaults["multiclass"].early_stopping_patience = args.multiclass_patience
+    return defaults
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed ``pneumo-train`` flags, validated once with every override in
+    place (a ConfigError names the flag)."""
+    return TrainConfig(
+        data=args.data,
+        output=args.output,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        epochs=None,  # folded into each network's settings by _networks, which the card keeps
+        **_networks(args),
+        limit=args.limit,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        precision=args.precision,
+        cpus_per_worker=args.cpus_per_worker,
+        storage_path=args.storage_path,
+        max_failures=args.max_failures,
+        knn_k=args.knn_k,
+        knn_features=args.knn_features,
+        anomaly_percentile=args.anomaly_percentile,
+        anomaly_score=args.anomaly_score,
+        anomaly_k=args.anomaly_k,
+        binary_threshold=args.binary_threshold,
+        target_sensitivity=args.target_sensitivity,
+        architecture=args.architecture,
+        pretrained=args.pretrained,
+        normalization=args.normalization,
+        acquisition_shift=args.acquisition_shift,
+        tta=args.tta,
+        binary_score=args.binary_score,
+        calibrate=args.calibrate,
+        autoencoder_masking=args.autoencoder_masking,
+    )
+
+
+def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    def train(args: argparse.Namespace) -> None:
+        config = train_config(args)  # before anything heavy is imported: a bad flag is quick
+
+        from pneumo_ray.pipeline import run_training
+        from pneumo_ray.runtime import init_ray
+
+        init_ray(args.address)
+        run_training(config)
+
+    _run(train_parser(prog), train, argv)
+
+
+# --- pneumo-score -----------------------------------------------------------------------------
+
+
+def score_parser(prog: str | None = None) -> Parser:
+    parser = Parser(
+        prog=prog,
+        description="Score image stores with a trained bundle and write Parquet, "
+        "incrementally: inputs are folders, s3:// prefixes (walked recursively) or manifests "
+        "(.txt/.csv/.parquet) of image URIs. Rows are committed in parts of --commit-every "
+        "images; a rerun scores only what this model has not scored. One job at a time per "
+        "output.",
+    )
+    parser.add_argument("--model", required=True, help="model bundle (folder or s3:// URI)")
+    parser.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        dest="inputs",
+        help="folder, s3:// prefix or manifest; repeatable",
+    )
+    parser.add_argument("--output", required=True, help="Parquet output folder or s3:// prefix")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--num-workers",
+        default=None,
+        metavar="N|MIN-MAX",
+        help="model actors: N, or MIN-MAX for a pool that grows as the autoscaler adds nodes "
+        "(default: one per GPU up now, else one per node)",
+    )
+    _add_cluster_flags(parser, "score")
+    parser.add_argument(
+        "--decode",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="JPEG decode: cpu (Ray Data tasks) or gpu (nvJPEG in the model actors, CPU "
+        "fallback for PNG, DICOM and refused files); auto: gpu when scoring on GPUs",
+    )
+    parser.add_argument(
+        "--commit-every",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="commit a part every N images; a killed run keeps its committed parts "
+        "(default: 10000)",
+    )
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument(
+        "--rescore", action="store_true", help="score every image again, not only new ones"
+    )
+    again.add_argument(
+        "--only-new",
+        action="store_true",
+        help="skip images scored by any model before (default: a new model_version rescores)",
+    )
+    parser.add_argument(
+        "--lock-ttl",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="S3 outputs: take over the lock of a job that has not renewed it for this long "
+        "(it died); a local output's lock ends with its job (default: 600)",
+    )
+    parser.add_argument("--threads-per-actor", type=int, default=None)
+    return parser
+
+
+def score_config(args: argparse.Namespace):
+    from pneumo_ray.score import ScoreConfig
+
+    return ScoreConfig(
+        model=args.model,
+        inputs=args.inputs,
+        output=args.output,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        decode=args.decode,
+        rescore=args.rescore,
+        only_new=args.only_new,
+        commit_every=args.commit_every,
+        lock_ttl_s=args.lock_ttl,
+        threads_per_actor=args.threads_per_actor,
+    )
+
+
+def score_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    def score(args: argparse.Namespace) -> None:
+        config = score_config(args)
+
+        from pneumo_ray.runtime import init_ray
+        from pneumo_ray.score import run_scoring
+
+        init_ray(args.address)
+        summary = run_scoring(config)
+        for uri, why in summary.errors[:20]:
+            print(f"  failed: {uri}: {why}")
+        if len(summary.errors) > 20:
+            print(f"  ... and {len(summary.errors) - 20} more (see the error column)")
+        print(f"\n{summary}", flush=True)
+
+    _run(score_parser(prog), score, argv)
+
+
+# --- pneumo-evaluate --------------------------------------------------------------------------
+
+
+def evaluate_parser(prog: str | None = None) -> Parser:
+    parser = Parser(
+        prog=prog,
+        description="Evaluate a trained model bundle on one split of a labelled image store: "
+        "the training report (metrics.json, predictions.parquet, plots) with patient-level "
+        "bootstrap 95%% intervals, written to --output (default BUNDLE/evaluation/SPLIT).",
+    )
+    parser.add_argument("--model", required=True, help="model bundle (folder or s3:// URI)")
+    parser.add_argument("--data", required=True, help="labelled store (Kaggle layout)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument(
+        "--output", default=None, help="report folder (default: MODEL/evaluation/SPLIT)"
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=BOOTSTRAP_REPLICATES,
+        help=f"bootstrap replicates for the 95%% intervals (default {BOOTSTRAP_REPLICATES}; "
+        "0 = none)",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS, else embedded Ray)",
+    )
+    return parser
+
+
+def check_evaluate_args(args: argparse.Namespace) -> None:
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be 0 or more, got {args.bootstrap}")
+
+
+def evaluate_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    def evaluate(args: argparse.Namespace) -> None:
+        check_evaluate_args(args)
+
+        from pneumo_ray.evaluation import evaluate_store
+        from pneumo_ray.runtime import init_ray
+
+        init_ray(args.address)
+        evaluate_store(args.model, args.data, args.split, args.output, args.bootstrap)
+
+    _run(evaluate_parser(prog), evaluate, argv)
+
+
+# --- shared -----------------------------------------------------------------------------------
+
+
+def _run(
+    parser: Parser, job: Callable[[argparse.Namespace], None], argv: Sequence[str] | None
+) -> None:
+    """Parse, run, and turn an error the user can fix into one line and exit code 1."""
+    from pneumo_ray.errors import USER_ERRORS
+
+    args = parser.parse_args(argv)
+    try:
+        job(args)
+    except USER_ERRORS as exc:
+        sys.exit(f"{parser.prog}: error: {exc}")
