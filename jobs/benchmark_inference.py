@@ -1,14 +1,16 @@
-"""What test-time augmentation and the inpainting anomaly score cost: the bundle's models on
-decoded images, in this process, side by side in one run.
+"""What test-time augmentation, the inpainting anomaly score and Grad-CAM heatmaps cost: the
+bundle's models on decoded images, in this process, side by side in one run.
 
     python jobs/benchmark_inference.py [--image-size 128 224] [--images 512] [--rounds 3]
         [--threads 2]
 
-Four settings of one untrained bundle (throughput does not depend on the weights): the
-design's inference (no TTA, pixel-MSE anomaly score), flip TTA, the inpainting score, and
-both. The rounds interleave the settings so that machine noise falls on all of them alike;
-each figure is the median of the rounds, with the ratio to the design's in the same run.
-Decoding is left out: it is the same for every setting (see benchmark_score.py).
+Five settings of one untrained bundle (throughput does not depend on the weights): the
+design's inference (no TTA, pixel-MSE anomaly score), flip TTA, the inpainting score, both,
+and the design's inference plus a Grad-CAM overlay PNG of both CNNs for every image (what
+``--heatmaps all`` adds to each image; ``flagged`` adds it to the flagged share only). The
+rounds interleave the settings so that machine noise falls on all of them alike; each figure
+is the median of the rounds, with the ratio to the design's in the same run. Decoding is left
+out: it is the same for every setting (see benchmark_score.py).
 """
 
 from __future__ import annotations
@@ -27,19 +29,24 @@ import torch  # noqa: E402
 from benchmark_score import untrained_bundle  # noqa: E402  (jobs/, beside this file)
 
 from pneumo_ray.bundle import load_bundle  # noqa: E402
+from pneumo_ray.heatmaps import explain  # noqa: E402
 
 SETTINGS = {
     "design": {"tta": "none", "score": "mse"},
     "flip TTA": {"tta": "flip", "score": "mse"},
     "inpaint score": {"tta": "none", "score": "inpaint"},
     "flip TTA + inpaint": {"tta": "flip", "score": "inpaint"},
+    "design + heatmaps": {"tta": "none", "score": "mse", "heatmaps": True},
 }
 
 
-def images_per_s(bundle, images: np.ndarray, batch_size: int) -> float:
+def images_per_s(bundle, images: np.ndarray, batch_size: int, heatmaps: bool = False) -> float:
     started = time.perf_counter()
     for start in range(0, len(images), batch_size):
-        bundle.predict(images[start : start + batch_size])
+        batch = images[start : start + batch_size]
+        predictions = bundle.predict(batch)
+        if heatmaps:
+            explain(bundle, batch, predictions)
     return len(images) / (time.perf_counter() - started)
 
 
@@ -63,7 +70,9 @@ def main() -> None:
             for name, setting in SETTINGS.items():
                 bundle.card.setdefault("inference", {})["tta"] = setting["tta"]
                 bundle.card["models"]["autoencoder"]["score"] = setting["score"]
-                rates[name].append(images_per_s(bundle, images, args.batch_size))
+                rates[name].append(
+                    images_per_s(bundle, images, args.batch_size, setting.get("heatmaps", False))
+                )
         design = statistics.median(rates["design"])
         print(f"\n{size}x{size}: images/s (median of {args.rounds} rounds; each round)")
         for name, values in rates.items():

@@ -158,6 +158,7 @@ def main(args: argparse.Namespace) -> None:
                 inputs=[str(folder)],
                 output=str(root / "scores"),
                 batch_size=args.batch_size,
+                heatmaps="none",  # the scoring path as before; heatmaps: benchmark_inference
             )
             plan = plan_actors(config.num_workers, config.use_gpu, config.threads_per_actor)
             plain = plain_loop(model, folder, args.batch_size, threads=plan.threads)
@@ -185,6 +186,7 @@ def main(args: argparse.Namespace) -> None:
                     inputs=[str(big)],
                     output=str(root / "scores_many"),
                     batch_size=args.batch_size,
+                    heatmaps="none",  # the scoring path as before; heatmaps: benchmark_inference
                 )
             )
             peak = sampler.stop()

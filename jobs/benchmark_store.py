@@ -194,7 +194,7 @@ def run_size(args: argparse.Namespace, model: str, count: int, work: Path) -> di
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, str(REPO / "jobs" / "score.py"), "--model", model,
-               "--input", str(store), "--output", output]  # fmt: skip
+               "--input", str(store), "--output", output, "--heatmaps", "none"]  # fmt: skip
     started = time.perf_counter()
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, start_new_session=True)  # fmt: skip

@@ -23,16 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pneumo_ray.data import list_store, load_image  # noqa: E402
 from pneumo_ray.errors import USER_ERRORS  # noqa: E402
 from pneumo_ray.images import ImageDecodeError  # noqa: E402
+from pneumo_ray.monitor import IMAGE_STATS, image_stats  # noqa: E402
 from pneumo_ray.stores import StoreError  # noqa: E402
 
 
-def image_stats(image: np.ndarray) -> tuple[float, float, float]:
-    """(pixel mean, pixel std, Laplacian std) of a uint8 image, on [0, 1] pixels."""
-    x = image.astype(np.float32) / 255.0
-    laplacian = (
-        4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
-    )  # (S-2, S-2)
-    return float(x.mean()), float(x.std()), float(laplacian.std())
+def image_row(pixels: np.ndarray) -> tuple[float, float, float]:
+    """(mean, std, Laplacian std) of one uint8 image: the scoring job's drift statistics."""
+    stats = image_stats(pixels[None])
+    return tuple(float(stats[name][0]) for name in IMAGE_STATS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         except (ImageDecodeError, StoreError, OSError) as exc:
             print(f"skipped unreadable image {image.uri}: {exc}", file=sys.stderr)
             continue
-        groups[(image.split, image.label)].append(image_stats(pixels))
+        groups[(image.split, image.label)].append(image_row(pixels))
     print(f"{'split':<6} {'class':<10} {'images':>6} {'mean':>6} {'std':>6} {'laplacian':>10}")
     for (split, label), rows in sorted(groups.items()):
         mean, std, laplacian = np.mean(rows, axis=0)

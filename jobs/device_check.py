@@ -127,6 +127,7 @@ def score(args, bundle: str, folder: Path, name: str, use_gpu: bool, decode: str
         use_gpu=use_gpu,
         decode=decode,
         rescore=True,
+        heatmaps="none",  # the scoring path as before; heatmaps: benchmark_inference
     )
     with GpuMemorySampler() as sampler:
         summary = run_scoring(config)

@@ -21,7 +21,6 @@ from pneumo_ray import cli
 from pneumo_ray.errors import USER_ERRORS
 from pneumo_ray.evaluation import results_table
 from pneumo_ray.pipeline import run_training
-from pneumo_ray.runtime import init_ray
 
 # Robustness to another site's images (issue 11), fixed before the run that tests them (the
 # validation split comes from the training source, so it cannot judge them): acquisition-shift
@@ -86,8 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
     args, extra = parser.parse_known_args(argv)
     train_argv = ["--data", args.data, "--output", args.output, *PROFILES[args.profile], *extra]
     print(f"[pneumo_ray] profile {args.profile}: jobs/train.py {shlex.join(train_argv)}")
-    config = cli.train_config(cli.train_parser("quality.py").parse_args(train_argv))
-    init_ray(args.address)
+    train_args = cli.train_parser("quality.py").parse_args(train_argv)
+    config = cli.train_config(train_args)
+    train_args.address = args.address
+    cli.connect(train_args, "quality")
     started = time.perf_counter()
     # run_training evaluates the bundle on the test split itself (its report is in
     # OUTPUT/report); the table against the targets reads those figures, not a second pass.

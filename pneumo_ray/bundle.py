@@ -10,6 +10,8 @@ A bundle is a folder (local or ``s3://``) holding::
     knn_reference.parquet   KNN reference set: image_uri, label, feature (no pickle)
     normal_reference.parquet  the autoencoder's latent codes of normal training images, for the
                             ``latent`` anomaly score (image_uri, feature; no pickle)
+    drift_reference.parquet the bundle's outputs and image statistics on the validation split:
+                            what scoring runs are compared with (pneumo_ray.monitor)
     report/                 metrics.json and PNG plots
 
 Loading runs no code from the bundle: weights load with ``weights_only=True``, the KNN is
@@ -28,11 +30,13 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pneumo_ray import stores
 from pneumo_ray.images import to_model_input
 from pneumo_ray.labels import BINARY_LABELS, CLASS_LABELS
+from pneumo_ray.monitor import REFERENCE_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +97,7 @@ class Bundle:
     autoencoder: ConvAutoencoder
     knn: KnnReference
     normal_reference: NormalReference | None = None  # needed by the ``latent`` anomaly score
+    drift_reference: pa.Table | None = None  # validation outputs, for scoring runs' drift checks
 
     @property
     def image_size(self) -> int:
@@ -239,6 +244,11 @@ def write_bundle(bundle: Bundle, uri: str, report_dir: str | None = None) -> dic
             pq.write_table(bundle.normal_reference.to_table(), reference_path)
             with open(reference_path, "rb") as handle:
                 payloads[NORMAL_REFERENCE_FILE] = handle.read()
+        if bundle.drift_reference is not None:
+            drift_path = os.path.join(scratch, REFERENCE_FILE)
+            pq.write_table(bundle.drift_reference, drift_path)
+            with open(drift_path, "rb") as handle:
+                payloads[REFERENCE_FILE] = handle.read()
     files = {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in payloads.items()}
     combined = sha256("".join(files[name]["sha256"] for name in sorted(files)).encode())
     card = {
@@ -266,6 +276,14 @@ def read_card(uri: str) -> dict:
     if card.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{card_uri}: format {card.get('format')!r}, expected {BUNDLE_FORMAT}")
     return card
+
+
+def read_drift_reference(uri: str, card: dict) -> pa.Table | None:
+    """The bundle's drift reference (verified against the card), or None for a bundle
+    trained before it existed. Needs no torch: the scoring driver reads it."""
+    if REFERENCE_FILE not in card.get("files", {}):
+        return None
+    return pq.read_table(io.BytesIO(_verified(uri, REFERENCE_FILE, card)))
 
 
 def _verified(uri: str, name: str, card: dict) -> bytes:

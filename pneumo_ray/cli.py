@@ -50,13 +50,29 @@ def _int_or_auto(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected auto or a whole number, got {text!r}") from None
 
 
-def _add_cluster_flags(parser: argparse.ArgumentParser, what: str) -> None:
+def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
     """The flags every job shares: where Ray is, and how loud the console is."""
     parser.add_argument(
         "--address",
         default=None,
         help="Ray cluster to join (default: $RAY_ADDRESS, else embedded Ray)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own logs on the console (by default they go to the log file only)",
+    )
+    parser.add_argument(
+        "--log-file",
+        default=None,
+        metavar="PATH",
+        help="the job's log file (default: $PNEUMO_RAY_LOG_DIR or <tmp>/pneumo_ray/logs, "
+        "one file per job)",
+    )
+
+
+def _add_cluster_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    _add_ray_flags(parser)
     parser.add_argument(
         "--use-gpu",
         action=argparse.BooleanOptionalAction,
@@ -210,6 +226,19 @@ def train_parser(prog: str | None = None) -> Parser:
         help="how the binary threshold is chosen on validation",
     )
     parser.add_argument("--target-sensitivity", type=float, default=0.95)
+    parser.add_argument(
+        "--mlflow-tracking-uri",
+        default=None,
+        metavar="URI",
+        help="log parameters, per-epoch metrics, the report and the bundle to MLflow at URI "
+        "(a folder, file://, http(s)://, databricks, sqlite://); default: no tracking",
+    )
+    parser.add_argument(
+        "--mlflow-experiment",
+        default="pneumo_ray",
+        metavar="NAME",
+        help="MLflow experiment (default: pneumo_ray)",
+    )
     return parser
 
 
@@ -274,15 +303,32 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def check_tracking_args(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    if args.mlflow_tracking_uri is None:
+        return
+    if not args.mlflow_tracking_uri.strip():
+        raise ConfigError("--mlflow-tracking-uri must not be empty")
+    if not args.mlflow_experiment.strip():
+        raise ConfigError("--mlflow-experiment must not be empty")
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(
+            "--mlflow-tracking-uri needs MLflow: pip install 'pneumo_ray[mlflow]' "
+            "(or mlflow-skinny)"
+        )
+
+
 def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     def train(args: argparse.Namespace) -> None:
         config = train_config(args)  # before anything heavy is imported: a bad flag is quick
+        check_tracking_args(args)
 
         from pneumo_ray.pipeline import run_training
-        from pneumo_ray.runtime import init_ray
+        from pneumo_ray.tracking import tracker
 
-        init_ray(args.address)
-        run_training(config)
+        connect(args, "train")
+        run_training(config, tracker(args.mlflow_tracking_uri, args.mlflow_experiment))
 
     _run(train_parser(prog), train, argv)
 
@@ -350,6 +396,19 @@ def score_parser(prog: str | None = None) -> Parser:
         "(it died); a local output's lock ends with its job (default: 600)",
     )
     parser.add_argument("--threads-per-actor", type=int, default=None)
+    parser.add_argument(
+        "--heatmaps",
+        default="flagged",
+        choices=["flagged", "all", "none"],
+        help="Grad-CAM overlays (PNG, OUT/_reports/<run>/heatmaps/, URI in heatmap_uri) for "
+        "flagged images (binary call pneumonia or anomaly), all, or none (default: flagged)",
+    )
+    parser.add_argument(
+        "--fail-on-drift",
+        action="store_true",
+        help="exit with code 3 when the run's report finds drift against the training "
+        "reference (the rows are committed all the same), so a scheduler can alert",
+    )
     return parser
 
 
@@ -369,6 +428,8 @@ def score_config(args: argparse.Namespace):
         commit_every=args.commit_every,
         lock_ttl_s=args.lock_ttl,
         threads_per_actor=args.threads_per_actor,
+        heatmaps=args.heatmaps,
+        fail_on_drift=args.fail_on_drift,
     )
 
 
@@ -376,16 +437,25 @@ def score_main(argv: Sequence[str] | None = None, prog: str | None = None) -> No
     def score(args: argparse.Namespace) -> None:
         config = score_config(args)
 
-        from pneumo_ray.runtime import init_ray
         from pneumo_ray.score import run_scoring
 
-        init_ray(args.address)
+        connect(args, "score")
         summary = run_scoring(config)
         for uri, why in summary.errors[:20]:
             print(f"  failed: {uri}: {why}")
         if len(summary.errors) > 20:
             print(f"  ... and {len(summary.errors) - 20} more (see the error column)")
         print(f"\n{summary}", flush=True)
+        if config.fail_on_drift and summary.drifted:
+            from pneumo_ray.score import DRIFT_EXIT_CODE
+
+            print(
+                "[pneumo_ray] drift against the training reference in "
+                f"{', '.join(summary.drifted)} (--fail-on-drift): exit {DRIFT_EXIT_CODE}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(DRIFT_EXIT_CODE)
 
     _run(score_parser(prog), score, argv)
 
@@ -413,11 +483,7 @@ def evaluate_parser(prog: str | None = None) -> Parser:
         help=f"bootstrap replicates for the 95%% intervals (default {BOOTSTRAP_REPLICATES}; "
         "0 = none)",
     )
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to join (default: $RAY_ADDRESS, else embedded Ray)",
-    )
+    _add_ray_flags(parser)
     return parser
 
 
@@ -431,15 +497,23 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
         check_evaluate_args(args)
 
         from pneumo_ray.evaluation import evaluate_store
-        from pneumo_ray.runtime import init_ray
 
-        init_ray(args.address)
+        connect(args, "evaluate")
         evaluate_store(args.model, args.data, args.split, args.output, args.bootstrap)
 
     _run(evaluate_parser(prog), evaluate, argv)
 
 
 # --- shared -----------------------------------------------------------------------------------
+
+
+def connect(args: argparse.Namespace, job: str) -> None:
+    """Join Ray (or start an embedded one) and set up the job's console and log file."""
+    from pneumo_ray.console import JobLog, ray_init_kwargs
+    from pneumo_ray.runtime import init_ray
+
+    init_ray(args.address, **ray_init_kwargs(args.verbose))
+    JobLog(job, args.verbose, args.log_file).install()
 
 
 def _run(

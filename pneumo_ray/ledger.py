@@ -6,6 +6,7 @@
     OUT/_runs/<run>/run.json                  the run's summary, once it ends
     OUT/_staging/<run>/                       staged parts and the run's work list
     OUT/_lock.json                            who is scoring into OUT now
+    OUT/_reports/<run>/                       the run's summary.json, report.html, heatmaps/
 
 A run commits a part every ``--commit-every`` images: the part is written under ``_staging``,
 its ``.committing`` marker is written, the file is moved into ``run=<run>/`` (one atomic rename
@@ -43,6 +44,7 @@ from pneumo_ray import stores
 
 STAGING = "_staging"
 RUNS = "_runs"
+REPORTS = "_reports"
 LOCK = "_lock.json"
 COMMITTED = ".committed"
 COMMITTING = ".committing"
@@ -64,6 +66,11 @@ OUTPUT_SCHEMA = pa.schema(
         ("anomaly_score", pa.float32()),
         ("is_anomaly", pa.bool_()),
         ("reconstruction_mse", pa.float32()),  # the design's anomaly score, always kept
+        ("heatmap_uri", pa.string()),  # Grad-CAM overlay PNG (--heatmaps); null: none made
+        # image statistics at the model's input size, for drift checks (pneumo_ray.monitor)
+        ("image_mean", pa.float32()),
+        ("image_contrast", pa.float32()),
+        ("image_sharpness", pa.float32()),
         ("model_version", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
         ("error", pa.string()),

@@ -26,8 +26,10 @@ from pneumo_ray.labels import (
 from pneumo_ray.models import KnnReference
 from pneumo_ray.models.anomaly import SCORE_DESCRIPTIONS, NormalReference
 from pneumo_ray.models.knn import KNN_K_CANDIDATES, select_features
+from pneumo_ray.monitor import DRIFT_RULE, IMAGE_STATS, REFERENCE_FILE, STATISTICS, reference_table
 from pneumo_ray.predict import ActorPlan, Networks, plan_actors, run_models
 from pneumo_ray.runtime import check_shared_storage
+from pneumo_ray.tracking import NullTracker
 from pneumo_ray.train import (
     NETWORKS,
     Scaling,
@@ -201,6 +203,7 @@ class References:
     anomaly_kind: str
     anomaly_scores: dict
     calibration: dict
+    validation_outputs: dict  # the networks' raw outputs and image statistics on validation
 
     @property
     def anomaly_threshold(self) -> float:
@@ -257,20 +260,28 @@ def loss_weights(counts: Counter) -> dict[str, list[float]]:
 
 
 def fit_networks(
-    config: TrainConfig, splits: Splits, scaling: Scaling, weights: dict
+    config: TrainConfig,
+    splits: Splits,
+    scaling: Scaling,
+    weights: dict,
+    tracker: NullTracker | None = None,
 ) -> dict[str, TrainedNetwork]:
-    """Train the three networks, one TorchTrainer run each (the autoencoder on normals)."""
+    """Train the three networks, one TorchTrainer run each (the autoencoder on normals);
+    each network's epochs go to the tracker as soon as it has trained."""
     fingerprint = splits.training_fingerprint
+    tracker = tracker or NullTracker()
     trained = {}
     for name in ("binary", "multiclass"):
         trained[name] = fit_network(
             name, config, scaling, splits.train.dataset, splits.val.dataset, weights[name],
             fingerprint,
         )  # fmt: skip
+        tracker.log_history(name, trained[name].history)
     trained["autoencoder"] = fit_network(
         "autoencoder", config, scaling, splits.normal_train, data.normal_only(splits.val), None,
         fingerprint,
     )  # fmt: skip
+    tracker.log_history("autoencoder", trained["autoencoder"].history)
     return trained
 
 
@@ -303,7 +314,7 @@ def fit_references(
     )
     references = References(
         binary_threshold, binary_rule, knn, knn_val_accuracy, normal_reference, anomaly_kind,
-        anomaly_scores, calibrated,
+        anomaly_scores, calibrated, val_out,
     )  # fmt: skip
     log(
         f"binary threshold {binary_threshold:.4f} (validation {binary_rule['validation']}); "
@@ -418,6 +429,12 @@ def build_card(
                 "best_epoch": trained["autoencoder"].best_epoch,
             },
         },
+        "monitoring": {
+            **DRIFT_RULE,
+            "reference": f"{REFERENCE_FILE}: the bundle's outputs and image statistics on the "
+            f"{len(references.validation_outputs['image_uri'])} validation images",
+            "statistics": {stat.name: stat.title for stat in STATISTICS},
+        },
         "training": {
             "config": config.to_dict(),
             "class_counts": dict(splits.counts),
@@ -436,6 +453,18 @@ def build_card(
             "test": data.fingerprint(splits.test_images),
         },
     }
+
+
+def drift_reference(bundle: Bundle, val_out: dict, splits: Splits):
+    """What scoring runs are compared with: the finished bundle's outputs (as scoring writes
+    them) and the image statistics of the validation images."""
+    sizes = {image.uri: image.size for image in splits.val_images}
+    return reference_table(
+        val_out["image_uri"],
+        bundle.finish(val_out),
+        {name: val_out[name] for name in IMAGE_STATS},
+        [sizes.get(str(uri), -1) for uri in val_out["image_uri"]],
+    )
 
 
 def evaluate_and_write(
@@ -472,11 +501,24 @@ def evaluate_and_write(
     return card
 
 
-def run_training(config: TrainConfig) -> dict:
-    """Train the four models on ``config.data`` and write the bundle to ``config.output``.
+def run_training(config: TrainConfig, tracker: NullTracker | None = None) -> dict:
+    """Train the four models on ``config.data`` and write the bundle to ``config.output``;
+    ``tracker`` (MLflow, with --mlflow-tracking-uri) records the run.
 
     Returns the card as written.
     """
+    tracker = tracker or NullTracker()
+    tracker.start(config.to_dict())
+    try:
+        card = _train(config, tracker)
+    except BaseException:
+        tracker.fail()
+        raise
+    tracker.finish(card, config.output)
+    return card
+
+
+def _train(config: TrainConfig, tracker: NullTracker) -> dict:
     started = time.perf_counter()
     nodes = check_shared_storage(
         read=[("--data", config.data)],
@@ -489,7 +531,7 @@ def run_training(config: TrainConfig) -> dict:
     log(f"training class counts {dict(splits.counts)}; class weights {weights}")
     scaling = decide_scaling(config)
     log(f"Ray Train: {scaling.describe()}; precision {config.precision}")
-    trained = fit_networks(config, splits, scaling, weights)
+    trained = fit_networks(config, splits, scaling, weights, tracker)
     plan = plan_actors(config.num_workers, scaling.use_gpu)
     references = fit_references(config, trained, splits, plan)
     models = {name: network.model(config.image_size) for name, network in trained.items()}
@@ -497,6 +539,7 @@ def run_training(config: TrainConfig) -> dict:
     bundle = Bundle(
         card, knn=references.knn, normal_reference=references.normal_reference, **models
     )
+    bundle.drift_reference = drift_reference(bundle, references.validation_outputs, splits)
     card = evaluate_and_write(config, bundle, splits, trained, plan)
     log(f"bundle {card['model_version']} written to {config.output}")
     log(f"report: {config.output.rstrip('/')}/report/ (metrics.json and PNG plots)")

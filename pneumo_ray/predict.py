@@ -27,6 +27,7 @@ import pyarrow as pa
 import ray
 
 from pneumo_ray.images import MAX_PIXELS, MIN_SIDE, ImageDecodeError, decode_image, to_model_input
+from pneumo_ray.monitor import image_stats
 
 if TYPE_CHECKING:
     import torch
@@ -323,6 +324,9 @@ class ModelActor:
             raise ValueError("training and evaluation splits hold decoded images only")
         columns = {key: batch[key] for key in PASSTHROUGH if key in batch}
         columns.update(self.predict(images))
+        if self.outputs == "networks":  # the training job's drift reference needs them
+            pixels = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
+            columns.update(image_stats(pixels))
         return columns_to_table(columns)
 
 

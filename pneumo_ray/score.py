@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
 import resource
 import tempfile
@@ -30,12 +31,16 @@ import pyarrow.parquet as pq
 import ray
 
 from pneumo_ray import faults, stores
-from pneumo_ray.bundle import read_card
+from pneumo_ray.bundle import read_card, read_drift_reference
 from pneumo_ray.config import ConfigError, parse_worker_range
+from pneumo_ray.console import Progress
 from pneumo_ray.data import PERMANENT, TRANSIENT, decode_batch, read_batch
+from pneumo_ray.heatmaps import HEATMAP_MODES
+from pneumo_ray.labels import BINARY_LABELS
 from pneumo_ray.ledger import (
     LOCK_TTL_S,
     OUTPUT_SCHEMA,
+    REPORTS,
     STAGING,
     OutputLock,
     commit_part,
@@ -47,6 +52,7 @@ from pneumo_ray.ledger import (
     write_run_summary,
 )
 from pneumo_ray.listing import LISTING_SCHEMA, iter_listing
+from pneumo_ray.monitor import RunProfile, image_stats
 from pneumo_ray.predict import DECODE_MODES, ModelActor, plan_actors, select_rows
 from pneumo_ray.runtime import check_shared_storage
 
@@ -58,6 +64,7 @@ ACTOR_START_TIMEOUT_S = 1800
 TODO_FILE_ROWS = 100_000
 PLAN_MEMORY = "256MB"  # DuckDB's cap; beyond it the anti-join spills to the driver's temp dir
 MAX_ERRORS_KEPT = 100
+DRIFT_EXIT_CODE = 3  # --fail-on-drift: distinct from 1 (an error) and 2 (a bad flag)
 
 
 @dataclass
@@ -93,6 +100,11 @@ class ScoreConfig:
     over (a local output's lock ends with its job) (--lock-ttl)."""
     threads_per_actor: int | None = None
     """Torch threads per CPU actor; None: its node's CPUs shared among its actors."""
+    heatmaps: str = "flagged"
+    """Grad-CAM overlays for: flagged images (binary call pneumonia or anomaly), all, or none
+    (--heatmaps)."""
+    fail_on_drift: bool = False
+    """Exit with DRIFT_EXIT_CODE when the run's report finds drift (--fail-on-drift)."""
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -110,6 +122,10 @@ class ScoreConfig:
                 f"--threads-per-actor must be at least 1, got {self.threads_per_actor}"
             )
         self.num_workers = parse_worker_range(self.num_workers)
+        if self.heatmaps not in HEATMAP_MODES:
+            raise ConfigError(
+                f"--heatmaps must be one of {', '.join(HEATMAP_MODES)}; got {self.heatmaps!r}"
+            )
         if self.decode not in DECODE_MODES:
             raise ConfigError(
                 f"--decode must be one of {', '.join(DECODE_MODES)}; got {self.decode!r}"
@@ -123,8 +139,39 @@ class BundlePredictor(ModelActor):
     """The scoring job's model actor: all four models of a bundle, rows in the Parquet schema
     (a bad image becomes a row with its error, its kind and null scores)."""
 
-    def __init__(self, bundle_uri: str, use_gpu: bool, threads: int, gpu_decode: bool) -> None:
+    def __init__(
+        self,
+        bundle_uri: str,
+        use_gpu: bool,
+        threads: int,
+        gpu_decode: bool,
+        heatmaps: str = "none",
+        heatmap_dir: str | None = None,
+    ) -> None:
         super().__init__(bundle_uri, "bundle", use_gpu, threads, gpu_decode=gpu_decode)
+        self.heatmaps, self.heatmap_dir = heatmaps, heatmap_dir
+
+    def _heatmap_uris(self, images, uris: list[str], predictions: dict) -> list[str | None]:
+        """Write the Grad-CAM overlays of the rows --heatmaps asks for; their URIs (None where
+        no overlay was made)."""
+        from pneumo_ray.heatmaps import explain, heatmap_name
+
+        n = len(uris)
+        if self.heatmaps == "none" or not n:
+            return [None] * n
+        wanted = np.ones(n, dtype=bool)
+        if self.heatmaps == "flagged":
+            wanted = (predictions["pred_binary"] == BINARY_LABELS[1]) | predictions["is_anomaly"]
+        result: list[str | None] = [None] * n
+        if not wanted.any():
+            return result
+        chosen = {name: np.asarray(value)[wanted] for name, value in predictions.items()}
+        pngs = explain(self.bundle, select_rows(images, wanted), chosen)
+        for row, png in zip(np.flatnonzero(wanted), pngs, strict=True):
+            uri = stores.join(self.heatmap_dir, heatmap_name(uris[row]))
+            stores.write_bytes(uri, png)
+            result[row] = uri
+        return result
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         read_errors = [str(e) for e in batch["error"]]
@@ -138,7 +185,14 @@ class BundlePredictor(ModelActor):
         ]
         ok = np.array([not e for e in errors], dtype=bool)
         n = len(errors)
-        predictions = self.bundle.predict(select_rows(images, ok)) if ok.any() else {}
+        predictions = {}
+        if ok.any():
+            usable = select_rows(images, ok)
+            predictions = self.bundle.predict(usable)
+            pixels = usable.cpu().numpy() if hasattr(usable, "cpu") else np.asarray(usable)
+            predictions.update(image_stats(pixels))
+            uris = [str(u) for u in batch["image_uri"][ok]]
+            predictions["heatmap_uri"] = self._heatmap_uris(usable, uris, predictions)
         index = np.flatnonzero(ok)
 
         def column(name: str, arrow_type: pa.DataType) -> pa.Array:
@@ -185,6 +239,9 @@ class ScoreSummary:
     planning_s: float = 0.0
     first_scored_s: float | None = None
     run_id: str | None = None
+    heatmaps: int = 0
+    drifted: list[str] = field(default_factory=list)  # monitored statistics that drifted
+    report: str | None = None  # the run's report.html
     errors: list[tuple[str, str]] = field(default_factory=list)  # the first MAX_ERRORS_KEPT
 
     @property
@@ -206,6 +263,8 @@ class ScoreSummary:
             "first_scored_s": None
             if self.first_scored_s is None
             else round(self.first_scored_s, 1),
+            "images_per_s": round(self.images_per_s, 2),
+            "heatmaps": self.heatmaps,
         }
 
     def __str__(self) -> str:
@@ -220,9 +279,18 @@ class ScoreSummary:
             f"planning (listing + anti-join): {self.planning_s:.1f}s; first image scored after "
             f"{first}\n"
             f"throughput: {self.images_per_s:.1f} images/s over {self.seconds:.1f}s\n"
+            f"heatmaps written: {self.heatmaps}\n"
             f"driver peak memory: {driver_peak_mib():.0f} MiB\n"
             f"output: {self.output}"
             + (f" (run {self.run_id})" if self.parts else " (nothing new to score)")
+            + (f"\nreport: {self.report}" if self.report else "")
+            + (
+                f"\nDRIFT against the training reference: {', '.join(self.drifted)}"
+                if self.drifted
+                else "\ndrift: none found"
+                if self.report
+                else ""
+            )
         )
 
 
@@ -238,6 +306,9 @@ def driver_peak_mib() -> float:
 
 def log(message: str) -> None:
     print(f"[pneumo_ray.score] {message}", flush=True)
+
+
+_details = logging.getLogger("pneumo_ray.score")  # the job's log file; the console if verbose
 
 
 # --- planning: what is left to score ---------------------------------------------------------
@@ -325,7 +396,7 @@ def plan_work(config: ScoreConfig, run_id: str, model_version: str) -> WorkList:
 
 
 def build_pipeline(
-    config: ScoreConfig, work: WorkList, image_size: int
+    config: ScoreConfig, work: WorkList, image_size: int, heatmap_dir: str
 ) -> tuple[ray.data.Dataset, str]:
     """The Ray Data pipeline over the work list; returns it and a line saying how it runs."""
     plan = plan_actors(config.num_workers, config.use_gpu, config.threads_per_actor)
@@ -354,6 +425,8 @@ def build_pipeline(
                 "use_gpu": plan.use_gpu,
                 "threads": plan.threads,
                 "gpu_decode": gpu_decode,
+                "heatmaps": config.heatmaps,
+                "heatmap_dir": heatmap_dir,
             },
             batch_size=config.batch_size,
             batch_format="numpy",
@@ -373,8 +446,16 @@ class PartWriter:
     after a worker died, say) is dropped, never committed twice.
     """
 
-    def __init__(self, config: ScoreConfig, run_id: str, lock: OutputLock, summary: ScoreSummary):
+    def __init__(
+        self,
+        config: ScoreConfig,
+        run_id: str,
+        lock: OutputLock,
+        summary: ScoreSummary,
+        profile: RunProfile | None = None,
+    ):
         self.config, self.run_id, self.lock, self.summary = config, run_id, lock, summary
+        self.profile = profile
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.seen = np.empty(0, dtype=np.int64)  # sorted hashes of the URIs committed
@@ -426,6 +507,9 @@ class PartWriter:
         )
         summary = self.summary
         summary.parts += 1
+        summary.heatmaps += table.num_rows - table.column("heatmap_uri").null_count
+        if self.profile is not None:
+            self.profile.add(table)
         summary.failed += failed
         summary.transient += sum(1 for k in kinds if k == TRANSIENT)
         summary.scored += table.num_rows - failed
@@ -435,7 +519,7 @@ class PartWriter:
                 summary.errors.append((uri, error))
         done = summary.scored + summary.failed
         elapsed = time.perf_counter() - self.started
-        log(
+        _details.info(
             f"part {part + 1} committed ({table.num_rows} rows, {failed} with errors): "
             f"{done:,} of {summary.to_score:,} images ({100 * done / summary.to_score:.1f}%), "
             f"{done / elapsed:.1f} images/s"
@@ -447,7 +531,6 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     """Score the inputs' images not scored yet with the bundle; commit them in parts."""
     started = time.perf_counter()
     card = read_card(config.model)  # fail fast, before any listing, on a wrong --model
-    model_version = str(card.get("model_version", "unsaved"))
     summary = ScoreSummary(output=config.output)
     nodes = check_shared_storage(
         read=[("--model", config.model), *(("--input", uri) for uri in config.inputs)],
@@ -461,8 +544,11 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
             log(f"took over the lock of a run that stopped renewing it: {lock.took_over}")
         for line in recover(config.output, keep_run=run_id):
             log(line)
+        report_dir = stores.join(config.output, REPORTS, run_id)
+        profile = RunProfile(read_drift_reference(config.model, card), card.get("monitoring"))
         try:
-            _score(config, run_id, model_version, int(card["image_size"]), lock, summary, started)
+            _score(config, card, report_dir, lock, summary, profile, started)
+            write_report(config, card, report_dir, summary, profile)
             write_run_summary(config.output, run_id, {**summary.as_dict(), "state": "finished"})
         except BaseException as exc:
             if summary.parts:
@@ -475,15 +561,33 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     return summary
 
 
+def write_report(
+    config: ScoreConfig, card: dict, report_dir: str, summary: ScoreSummary, profile: RunProfile
+) -> None:
+    """The run's summary.json and report.html; the drifted statistics into ``summary``."""
+    from pneumo_ray.run_report import build_summary, write_run_report
+
+    run = {
+        **summary.as_dict(),
+        "output": config.output,
+        "inputs": config.inputs,
+        "errors": summary.errors,
+    }
+    report = build_summary(run, profile, card)
+    summary.drifted = report["drifted"]
+    summary.report = write_run_report(report_dir, report, profile)
+
+
 def _score(
     config: ScoreConfig,
-    run_id: str,
-    model_version: str,
-    image_size: int,
+    card: dict,
+    report_dir: str,
     lock: OutputLock,
     summary: ScoreSummary,
+    profile: RunProfile,
     started: float,
 ) -> None:
+    run_id, model_version = summary.run_id, str(card.get("model_version", "unsaved"))
     log(f"listing {', '.join(config.inputs)}; model {model_version}")
     work = plan_work(config, run_id, model_version)
     summary.listed, summary.to_score = work.listed, work.rows
@@ -495,16 +599,20 @@ def _score(
     )
     if not work.rows:
         return
-    dataset, how = build_pipeline(config, work, image_size)
-    log(f"{how}; committing every {config.commit_every} images")
-    writer = PartWriter(config, run_id, lock, summary)
+    heatmap_dir = stores.join(report_dir, "heatmaps")
+    dataset, how = build_pipeline(config, work, int(card["image_size"]), heatmap_dir)
+    log(f"{how}; committing every {config.commit_every} images; heatmaps: {config.heatmaps}")
+    writer = PartWriter(config, run_id, lock, summary, profile)
     scoring_started = time.perf_counter()
+    progress = Progress("scoring", work.rows)
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         if summary.first_scored_s is None:
             summary.first_scored_s = time.perf_counter() - started
-            log(f"first images scored after {summary.first_scored_s:.1f}s")
+            _details.info(f"first images scored after {summary.first_scored_s:.1f}s")
         writer.add(batch)
+        progress.update(batch.num_rows)
     writer.flush()
+    progress.close()
     summary.seconds = time.perf_counter() - scoring_started
     if summary.scored + summary.failed != work.rows:
         raise RuntimeError(

@@ -89,9 +89,11 @@ TRAIN_ARGS = [
 def trained(subset_store, tmp_path_factory, job_env):
     """A bundle trained once per test session by jobs/train.py (bundle path, job output)."""
     bundle = tmp_path_factory.mktemp("bundle") / "b"
+    tracking = bundle.parent / "mlruns"  # MLflow's local file store: test_tracking reads it
     result = run_job(
-        "train.py", "--data", str(subset_store), "--output", str(bundle), *TRAIN_ARGS, env=job_env
-    )
+        "train.py", "--data", str(subset_store), "--output", str(bundle), *TRAIN_ARGS,
+        "--mlflow-tracking-uri", str(tracking), env=job_env,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return bundle, result.stdout + result.stderr
 

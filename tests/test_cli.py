@@ -58,6 +58,12 @@ BAD_VALUES = [
     ("score", ["--decode", "fpga"], "--decode"),
     ("score", ["--threads-per-actor", "0"], "--threads-per-actor"),
     ("score", ["--rescore", "--only-new"], "--only-new"),
+    ("score", ["--heatmaps", "some"], "--heatmaps"),
+    ("score", ["--fail-on-drift=yes"], "--fail-on-drift"),
+    ("train", ["--mlflow-tracking-uri", ""], "--mlflow-tracking-uri"),
+    ("train", ["--mlflow-tracking-uri", "/t", "--mlflow-experiment", " "], "--mlflow-experiment"),
+    ("train", ["--verbose=1"], "--verbose"),
+    ("train", ["--log-file"], "--log-file"),
     ("evaluate", ["--bootstrap", "-1"], "--bootstrap"),
     ("evaluate", ["--split", "dev"], "--split"),
 ]

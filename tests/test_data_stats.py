@@ -21,7 +21,7 @@ def test_laplacian_energy_falls_when_an_image_is_blurred():
     rng = np.random.default_rng(0)
     sharp = rng.integers(0, 256, (64, 64), dtype=np.uint8)
     blurred = np.asarray(Image.fromarray(sharp).filter(ImageFilter.GaussianBlur(1.5)))
-    stats = load_script().image_stats
+    stats = load_script().image_row
     assert stats(blurred)[2] < 0.5 * stats(sharp)[2]
     assert abs(stats(blurred)[0] - stats(sharp)[0]) < 0.02  # same exposure
 
