@@ -27,6 +27,7 @@ from pneumo_ray.monitor import STATISTICS, RunProfile  # noqa: E402
 SUMMARY_FILE = "summary.json"
 HTML_FILE = "report.html"
 THUMBNAIL = 96
+NEIGHBOURS_SHOWN = 5  # of the KNN's k (up to 51): the nearest
 SHOWN_ERRORS = 20
 
 
@@ -268,9 +269,12 @@ def _cases(profile: RunProfile) -> str:
             except OSError:
                 heatmap = f"<p>heatmap not readable: <code>{_e(row['heatmap_uri'])}</code></p>"
         neighbours = []
-        for uri, distance in zip(
-            row.get("knn_neighbors") or [], row.get("knn_distances") or [], strict=False
-        ):
+        nearest = zip(
+            (row.get("knn_neighbors") or [])[:NEIGHBOURS_SHOWN],
+            (row.get("knn_distances") or [])[:NEIGHBOURS_SHOWN],
+            strict=False,
+        )
+        for uri, distance in nearest:
             thumb = _thumbnail_uri(uri)
             name = _e(uri.rsplit("/", 1)[-1])
             picture = f"<img alt='{name}' src='{thumb}'>" if thumb else ""
@@ -284,7 +288,7 @@ def _cases(profile: RunProfile) -> str:
             f"{_fmt(row['p_bacterial'], 2)}, viral {_fmt(row['p_viral'], 2)}); KNN "
             f"{_e(row['knn_label'])}; anomaly score {_fmt(row['anomaly_score'], 4)}"
             f"{' (flagged)' if row['is_anomaly'] else ''}<br>{heatmap}"
-            f"<div class='neighbours'>KNN neighbours (training images):<br>"
+            f"<div class='neighbours'>Nearest KNN neighbours (training images):<br>"
             f"{''.join(neighbours)}</div></div>"
         )
     return "".join(cards)
