@@ -19,6 +19,7 @@ from pneumo_ray.config import (
     ARCHITECTURES,
     BINARY_SCORES,
     BINARY_THRESHOLD_RULES,
+    HEATMAP_MODES,
     LR_SCHEDULES,
     NORMALIZATIONS,
     PRECISIONS,
@@ -399,7 +400,7 @@ def score_parser(prog: str | None = None) -> Parser:
     parser.add_argument(
         "--heatmaps",
         default="flagged",
-        choices=["flagged", "all", "none"],
+        choices=HEATMAP_MODES,
         help="Grad-CAM overlays (PNG, OUT/_reports/<run>/heatmaps/, URI in heatmap_uri) for "
         "flagged images (binary call pneumonia or anomaly), all, or none (default: flagged)",
     )

@@ -20,6 +20,7 @@ ARCHITECTURES = ("seed", *TORCHVISION_ARCHITECTURES)  # the CNNs' (--architectur
 NORMALIZATIONS = ("none", "standardize")  # the CNNs' input normalization (--normalization)
 TTA_MODES = ("none", "flip")  # test-time augmentation of the CNNs (--tta)
 BINARY_SCORES = ("combined", "network")  # what p_pneumonia is (--binary-score)
+HEATMAP_MODES = ("flagged", "all", "none")  # which scored images get Grad-CAM (--heatmaps)
 
 
 class ConfigError(ValueError):

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-HEATMAP_MODES = ("flagged", "all", "none")
 PANEL = 256  # pixels per panel of the overlay
 TITLE = 16
 

@@ -32,10 +32,9 @@ import ray
 
 from pneumo_ray import faults, stores
 from pneumo_ray.bundle import read_card, read_drift_reference
-from pneumo_ray.config import ConfigError, parse_worker_range
+from pneumo_ray.config import HEATMAP_MODES, ConfigError, parse_worker_range
 from pneumo_ray.console import Progress
 from pneumo_ray.data import PERMANENT, TRANSIENT, decode_batch, read_batch
-from pneumo_ray.heatmaps import HEATMAP_MODES
 from pneumo_ray.labels import BINARY_LABELS
 from pneumo_ray.ledger import (
     LOCK_TTL_S,
