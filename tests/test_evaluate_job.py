@@ -56,7 +56,9 @@ def test_evaluation_writes_intervals_plots_and_predictions(evaluated):
     for model in MODELS:
         for figure, value in metrics[model]["headline"].items():
             low, high = metrics[model]["ci95"][figure]
-            assert low <= value <= high and high - low > 0, (model, figure)
+            assert high - low > 0, (model, figure)
+            if figure != "ece":  # biased upward in every resample: its interval may lie above it
+                assert low <= value <= high, (model, figure)
     for name in ("roc.png", "autoencoder_reconstructions.png", "confusion_binary.png"):
         assert (output / name).stat().st_size > 0
     predictions = pd.read_parquet(output / "predictions.parquet")
