@@ -141,13 +141,12 @@ class _Histogram:
             count = max(2, min(bins, len(reference) // 10))
             quantiles = np.quantile(reference, np.linspace(0, 1, count + 1)[1:-1])
             self.edges = np.unique(quantiles)  # interior edges; ties merge bins
+            # Plots: the reference's range and a quarter of it each side (a probability: 0-1);
+            # values beyond fall in the end bins.
             low, high = float(reference.min()), float(reference.max())
-            if stat.name == "p_pneumonia":
-                low, high = 0.0, 1.0
             pad = 0.25 * (high - low) or 0.5 * abs(high) or 1.0
-            self.plot_edges = np.linspace(low - pad, high + pad, PLOT_BINS + 1)
-            if stat.name == "p_pneumonia":
-                self.plot_edges = np.linspace(0.0, 1.0, PLOT_BINS + 1)
+            low, high = (0.0, 1.0) if stat.name == "p_pneumonia" else (low - pad, high + pad)
+            self.plot_edges = np.linspace(low, high, PLOT_BINS + 1)
         self.reference = self._bin(reference)
         self.run = np.zeros_like(self.reference)
         self.reference_plot = self._plot_bin(reference)
