@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING
@@ -223,6 +221,12 @@ def _state_dict_bytes(model: torch.nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return buffer.getvalue().to_pybytes()
+
+
 def write_bundle(bundle: Bundle, uri: str, report_dir: str | None = None) -> dict:
     """Write a bundle to ``uri`` (local or s3://); returns the card as written.
 
@@ -234,21 +238,11 @@ def write_bundle(bundle: Bundle, uri: str, report_dir: str | None = None) -> dic
         WEIGHT_FILES["multiclass"]: _state_dict_bytes(bundle.multiclass),
         WEIGHT_FILES["autoencoder"]: _state_dict_bytes(bundle.autoencoder),
     }
-    with tempfile.TemporaryDirectory() as scratch:
-        knn_path = os.path.join(scratch, KNN_FILE)
-        pq.write_table(bundle.knn.to_table(), knn_path)
-        with open(knn_path, "rb") as handle:
-            payloads[KNN_FILE] = handle.read()
-        if bundle.normal_reference is not None:
-            reference_path = os.path.join(scratch, NORMAL_REFERENCE_FILE)
-            pq.write_table(bundle.normal_reference.to_table(), reference_path)
-            with open(reference_path, "rb") as handle:
-                payloads[NORMAL_REFERENCE_FILE] = handle.read()
-        if bundle.drift_reference is not None:
-            drift_path = os.path.join(scratch, REFERENCE_FILE)
-            pq.write_table(bundle.drift_reference, drift_path)
-            with open(drift_path, "rb") as handle:
-                payloads[REFERENCE_FILE] = handle.read()
+    payloads[KNN_FILE] = _parquet_bytes(bundle.knn.to_table())
+    if bundle.normal_reference is not None:
+        payloads[NORMAL_REFERENCE_FILE] = _parquet_bytes(bundle.normal_reference.to_table())
+    if bundle.drift_reference is not None:
+        payloads[REFERENCE_FILE] = _parquet_bytes(bundle.drift_reference)
     files = {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in payloads.items()}
     combined = sha256("".join(files[name]["sha256"] for name in sorted(files)).encode())
     card = {

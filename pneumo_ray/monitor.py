@@ -191,7 +191,7 @@ class RunProfile:
                     self.histograms[stat.name] = _Histogram(stat, values, self.rule["bins"])
         self.images = 0
         self.flagged = {"binary": 0, "anomaly": 0, "either": 0}
-        self.reference_flagged = _flag_counts(reference) if reference is not None else None
+        self.reference_flagged = _flag_counts(*_flags(reference)) if reference is not None else None
         self.top: list[tuple[float, int, dict]] = []  # min-heap on p_pneumonia
         self._order = 0
 
@@ -203,16 +203,15 @@ class RunProfile:
         self.images += ok.num_rows
         for histogram in self.histograms.values():
             histogram.add(_values(ok, histogram.stat))
-        flags = _flag_counts(ok)
+        binary, anomaly = _flags(ok)
+        flags = _flag_counts(binary, anomaly)
         for key in self.flagged:
             self.flagged[key] += flags[key]
-        self._keep_top(ok)
+        self._keep_top(ok, binary | anomaly)
 
-    def _keep_top(self, rows: pa.Table) -> None:
-        binary = np.array([v == BINARY_LABELS[1] for v in rows.column("pred_binary").to_pylist()])
-        anomaly = np.array([bool(v) for v in rows.column("is_anomaly").to_pylist()])
+    def _keep_top(self, rows: pa.Table, flagged: np.ndarray) -> None:
         p = np.array([v or 0.0 for v in rows.column("p_pneumonia").to_pylist()], np.float64)
-        for i in np.flatnonzero(binary | anomaly):
+        for i in np.flatnonzero(flagged):
             key = float(p[i])
             if len(self.top) >= TOP_FLAGGED and key <= self.top[0][0]:
                 continue
@@ -273,11 +272,16 @@ _TOP_COLUMNS = (
 )
 
 
-def _flag_counts(table: pa.Table) -> dict[str, int]:
+def _flags(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the binary call is pneumonia; the anomaly flag is set."""
     binary = np.array([v == BINARY_LABELS[1] for v in table.column("pred_binary").to_pylist()])
     anomaly = np.array([bool(v) for v in table.column("is_anomaly").to_pylist()])
+    return binary, anomaly
+
+
+def _flag_counts(binary: np.ndarray, anomaly: np.ndarray) -> dict[str, int]:
     return {
-        "images": table.num_rows,
+        "images": len(binary),
         "binary": int(binary.sum()),
         "anomaly": int(anomaly.sum()),
         "either": int((binary | anomaly).sum()),
