@@ -1,8 +1,11 @@
 # pneumo_ray: `make demo` runs the training job end to end, `make test` runs the test suite.
 # Both create .venv when it is missing and install the project into it.
 
+# The project's folder: `make -f path/to/Makefile demo` works from any folder (paths such as
+# out/demo are then relative to that folder, as a user's relative paths would be).
+HERE := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 PYTHON ?= python3
-VENV ?= .venv
+VENV ?= $(HERE)/.venv
 PY := $(VENV)/bin/python
 DATA ?=
 OUT ?= out/demo
@@ -10,25 +13,30 @@ DEMO_FLAGS ?= --image-size 64 --epochs 5 --lr-binary 1e-3
 # torch/torchvision pinned to the releases this machine has on disk (pyproject caps them).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test quality device-check lint format venv clean
+.PHONY: demo demo-jobs test quality device-check lint format venv clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: $(HERE)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '$(HERE)[dev]'
 	touch $@
 
 demo: venv
+	@$(MAKE) --no-print-directory -f $(HERE)/Makefile demo-jobs
+
+# The demo's job commands alone, with relative paths as a user types them
+# (tests/test_paths.py runs them twice from a temporary folder).
+demo-jobs:
 ifeq ($(DATA),)
 	test -f out/demo_store/SYNTHETIC.txt || $(PY) -m pneumo_ray.synthetic out/demo_store
-	$(PY) jobs/train.py --data out/demo_store --output $(OUT) $(DEMO_FLAGS)
-	$(PY) jobs/score.py --model $(OUT) --input out/demo_store --output $(OUT)_scores
+	$(PY) $(HERE)/jobs/train.py --data out/demo_store --output $(OUT) $(DEMO_FLAGS)
+	$(PY) $(HERE)/jobs/score.py --model $(OUT) --input out/demo_store --output $(OUT)_scores
 else
-	$(PY) jobs/train.py --data $(DATA) --output $(OUT) $(DEMO_FLAGS)
-	$(PY) jobs/score.py --model $(OUT) --input $(DATA)/test --output $(OUT)_scores
+	$(PY) $(HERE)/jobs/train.py --data $(DATA) --output $(OUT) $(DEMO_FLAGS)
+	$(PY) $(HERE)/jobs/score.py --model $(OUT) --input $(DATA)/test --output $(OUT)_scores
 endif
 
 # The quality run: a profile (cpu-hour: about an hour on 2 cores; gpu: 224 px, ResNet-18, on a

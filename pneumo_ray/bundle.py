@@ -233,6 +233,7 @@ def write_bundle(bundle: Bundle, uri: str, report_dir: str | None = None) -> dic
     The card, which names every file's sha256, is written last: a bundle without a card is
     an unfinished one.
     """
+    uri = stores.normalize(uri)
     payloads: dict[str, bytes] = {
         WEIGHT_FILES["binary"]: _state_dict_bytes(bundle.binary),
         WEIGHT_FILES["multiclass"]: _state_dict_bytes(bundle.multiclass),
@@ -263,7 +264,8 @@ def write_bundle(bundle: Bundle, uri: str, report_dir: str | None = None) -> dic
 
 
 def read_card(uri: str) -> dict:
-    card_uri = stores.join(uri, CARD)
+    """The bundle's card (``card.json``); BundleError where ``uri`` holds no bundle."""
+    card_uri = stores.join(stores.normalize(uri), CARD)
     if not stores.exists(card_uri):
         raise BundleError(f"{uri}: not a model bundle (no {CARD}; was training finished?)")
     card = json.loads(stores.read_bytes(card_uri))
@@ -303,6 +305,7 @@ def load_bundle(uri: str, device: torch.device | str = "cpu") -> Bundle:
     from pneumo_ray.models import KnnReference, build_network
     from pneumo_ray.models.anomaly import NormalReference
 
+    uri = stores.normalize(uri)
     card = read_card(uri)
     size = int(card["image_size"])
     models = {

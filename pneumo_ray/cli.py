@@ -438,10 +438,15 @@ def score_main(argv: Sequence[str] | None = None, prog: str | None = None) -> No
     def score(args: argparse.Namespace) -> None:
         config = score_config(args)
 
-        from pneumo_ray.score import run_scoring
+        from pneumo_ray.score import ScoringInterrupted, run_scoring
 
         connect(args, "score")
-        summary = run_scoring(config)
+        try:
+            summary = run_scoring(config)
+        except ScoringInterrupted as stop:
+            stop_quietly()
+            print(f"{parser.prog}: {stop}", file=sys.stderr, flush=True)
+            sys.exit(stop.exit_code)
         for uri, why in summary.errors[:20]:
             print(f"  failed: {uri}: {why}")
         if len(summary.errors) > 20:
@@ -458,7 +463,8 @@ def score_main(argv: Sequence[str] | None = None, prog: str | None = None) -> No
             )
             sys.exit(DRIFT_EXIT_CODE)
 
-    _run(score_parser(prog), score, argv)
+    parser = score_parser(prog)
+    _run(parser, score, argv)
 
 
 # --- pneumo-evaluate --------------------------------------------------------------------------
@@ -515,6 +521,18 @@ def connect(args: argparse.Namespace, job: str) -> None:
 
     init_ray(args.address, **ray_init_kwargs(args.verbose))
     JobLog(job, args.verbose, args.log_file).install()
+
+
+def stop_quietly() -> None:
+    """Shut Ray down after an interrupted job: the actors it kills on the way are the job's
+    own doing, so their death notices (worker lines and the core worker's native log on
+    stderr) go to the job's log file, not the console."""
+    import ray
+
+    from pneumo_ray.console import redirected_stderr
+
+    with redirected_stderr():
+        ray.shutdown()
 
 
 def _run(

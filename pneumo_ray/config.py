@@ -150,6 +150,13 @@ class TrainConfig:
     (0: the design's plain autoencoder) (--autoencoder-masking)."""
 
     def __post_init__(self) -> None:
+        # Locations in one form from here on (a relative path resumes the same runs as its
+        # absolute twin); pneumo_ray.stores is imported here, not at the top: --help needs
+        # no pyarrow.
+        from pneumo_ray.stores import normalize, normalize_optional
+
+        self.data, self.output = normalize(self.data), normalize(self.output)
+        self.storage_path = normalize_optional(self.storage_path)
         if self.image_size < 32 or self.image_size % 16:
             raise ConfigError(
                 f"--image-size must be a multiple of 16 (min 32); got {self.image_size}"

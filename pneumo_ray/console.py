@@ -10,6 +10,7 @@ workers' other output) goes to the job's log file, named on the console when the
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -53,10 +54,11 @@ class JobLog:
 
     def __init__(self, job: str, verbose: bool, path: str | None = None) -> None:
         self.job, self.verbose = job, verbose
-        self.path = path or default_log_path(job)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.path = os.path.realpath(os.path.expanduser(path or default_log_path(job)))
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._file: TextIO = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         self._lock = threading.Lock()
+        self.silent = False  # True: no worker line reaches the console (shutting down)
 
     def install(self) -> JobLog:
         import ray.data  # noqa: F401  (its import configures the "ray.data" logger: then ours)
@@ -92,6 +94,8 @@ class JobLog:
         global_worker_stdstream_dispatcher.add_handler(
             f"pneumo_ray_{self.job}_log", functools.partial(JobLog._worker_lines, self)
         )
+        global _installed
+        _installed = self
         where = "" if self.verbose else " (--verbose shows Ray's logs here)"
         print(f"[pneumo_ray] log file: {self.path}{where}", flush=True)
         return self
@@ -103,12 +107,36 @@ class JobLog:
         with self._lock:
             for line in lines:
                 self._file.write(prefix + line + "\n")
-        if self.verbose:
-            return  # Ray's own printer shows them
+        if self.verbose or self.silent:
+            return  # Ray's own printer shows them, or nothing may
         sink = sys.stderr if data.get("is_err") else sys.stdout
         for line in lines:
             if _SHOWN.search(line):
                 print(line, file=sink, flush=True)
+
+
+_installed: JobLog | None = None  # the job's, once installed
+
+
+@contextlib.contextmanager
+def redirected_stderr():
+    """For a block: the process's stderr (file descriptor 2, so native logs too) into the
+    job's log file, and no worker line on the console. Does nothing on a verbose console or
+    before a JobLog is installed."""
+    log = _installed
+    if log is None or log.verbose:
+        yield
+        return
+    log.silent = True
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(log._file.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _is_console(handler: logging.Handler) -> bool:
@@ -173,6 +201,13 @@ class Progress:
             self.stream.flush()
         else:
             print(self.line(self.clock()), file=self.stream, flush=True)
+
+    def abandon(self) -> None:
+        """End a redrawn line where it stands (the pass was stopped), so the next line starts
+        on its own."""
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
 
     def line(self, now: float) -> str:
         elapsed = max(now - self.started, 1e-9)

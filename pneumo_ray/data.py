@@ -134,7 +134,7 @@ def list_store(uri: str) -> list[LabelledImage]:
     images: list[LabelledImage] = []
     root = stores.normalize(uri)
     for entry in stores.list_files(root, IMAGE_SUFFIXES):
-        relative = entry.uri[len(root) :].lstrip("/").split("/")
+        relative = stores.parts_below(root, entry.uri)
         if len(relative) != 3 or relative[0] not in ("train", "val", "test"):
             continue  # README files, manifests, other folders: not part of the layout
         if relative[1].upper() not in CLASS_DIRS:

@@ -332,6 +332,8 @@ def evaluate_store(
     """Load a bundle, decode one split of a labelled store, evaluate, write the report to
     ``output`` (default ``<model>/evaluation/<split>``) and print the results table."""
     started = time.perf_counter()
+    model, store = stores.normalize(model), stores.normalize(store)
+    output = stores.normalize_optional(output)
     bundle = load_bundle(model)
     images = [i for i in data.list_store(store) if i.split == split]
     if not images:

@@ -3,6 +3,8 @@ cluster). Each is off unless its environment variable is set; processes that Ray
 driver's machine inherit it.
 
     PNEUMO_RAY_KILL_AFTER_PART=N        the scoring driver SIGKILLs itself once part N is committed
+    PNEUMO_RAY_KILL_IN_COMMIT=N         ... or while committing part N: after its .committing
+                                        marker, before the part is moved into place
     PNEUMO_RAY_HOLD_AFTER_PART=N:PATH   ... or waits there until PATH exists
     PNEUMO_RAY_READ_FAULTS=TEXT:K       the first K read attempts of each image whose URI
                                         contains TEXT fail as a transient read error would
@@ -15,6 +17,7 @@ import signal
 import time
 
 KILL_AFTER_PART = "PNEUMO_RAY_KILL_AFTER_PART"
+KILL_IN_COMMIT = "PNEUMO_RAY_KILL_IN_COMMIT"
 HOLD_AFTER_PART = "PNEUMO_RAY_HOLD_AFTER_PART"
 READ_FAULTS = "PNEUMO_RAY_READ_FAULTS"
 
@@ -34,6 +37,13 @@ def after_commit(part: int, log) -> None:
         log(f"{HOLD_AFTER_PART}: holding after part {part} until {release} exists")
         while not os.path.exists(release):
             time.sleep(0.05)
+
+
+def in_commit(part: int) -> None:
+    """Called by the ledger between a part's ``.committing`` marker and its move into place
+    (``part`` numbered from 1)."""
+    if os.environ.get(KILL_IN_COMMIT) == str(part):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def before_read(uri: str, attempt: int) -> None:

@@ -40,7 +40,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pneumo_ray import stores
+from pneumo_ray import faults, stores
 
 STAGING = "_staging"
 RUNS = "_runs"
@@ -132,6 +132,7 @@ def commit_part(output: str, run_id: str, part: int, table: pa.Table, info: dict
     pq.write_table(table, path, filesystem=fs)
     marker = {"run_id": run_id, "part": part, "rows": table.num_rows, **info}
     stores.write_bytes(_marker(output, run_id, part, COMMITTING), json.dumps(marker).encode())
+    faults.in_commit(part + 1)
     _finish_commit(output, run_id, part, marker)
 
 
@@ -158,22 +159,25 @@ def _markers(output: str) -> list[stores.FileEntry]:
     return stores.list_files(folder) if stores.is_dir(folder) else []
 
 
-def _parse_marker(output: str, uri: str) -> tuple[str, int | None, str] | None:
-    """(run id, part, state) from a marker's path; None for other files (run.json)."""
-    relative = uri[len(stores.join(output, RUNS)) :].strip("/").split("/")
-    if len(relative) == 1 and relative[0].endswith(".json"):
-        return relative[0][: -len(".json")], None, "legacy"
-    if len(relative) == 2 and relative[1].startswith("part-"):
-        stem, _, state = relative[1].partition(".")
-        return relative[0], int(stem[len("part-") :]), "." + state
+def _parse_marker(uri: str) -> tuple[str, int | None, str] | None:
+    """(run id, part, state) from a marker's path, read from its last path components
+    (``_runs/<run>/part-00003.committed``, ``_runs/<run>.json``), so the form in which the
+    output was named cannot matter; None for other files (run.json)."""
+    *_, grandparent, parent, name = ["", "", *uri.split("/")]
+    if parent == RUNS and name.endswith(".json"):
+        return name[: -len(".json")], None, "legacy"
+    if grandparent == RUNS and name.startswith("part-"):
+        stem, _, state = name.partition(".")
+        return parent, int(stem[len("part-") :]), "." + state
     return None
 
 
 def committed_parts(output: str) -> list[CommittedPart]:
     """Every committed part under ``output``, from one listing of its markers."""
+    output = stores.normalize(output)
     parts = []
     for entry in _markers(output):
-        parsed = _parse_marker(output, entry.uri)
+        parsed = _parse_marker(entry.uri)
         if parsed is None:
             continue
         run_id, part, state = parsed
@@ -215,9 +219,10 @@ def read_scores(output: str, columns: list[str] | None = None, latest: bool = Fa
     """The committed scores under ``output`` (never a part that is not committed).
 
     ``latest``: one row per image URI, from its most recent scoring (after a new model, a
-    retried error or ``--rescore``).
+    retried error or ``--rescore``). ``output`` in any form (relative, ``./``, a symlinked
+    folder) reads the same rows.
     """
-    dataset = history_dataset(output)
+    dataset = history_dataset(stores.normalize(output))
     if dataset is None:
         empty = OUTPUT_SCHEMA.empty_table()
         return empty if columns is None else empty.select(columns)
@@ -235,9 +240,10 @@ def read_scores(output: str, columns: list[str] | None = None, latest: bool = Fa
 def recover(output: str, keep_run: str | None = None) -> list[str]:
     """Finish parts caught between staging and commit; delete every other run's staged files
     (call it holding the output's lock: then no other run is alive). Returns what it did."""
+    output = stores.normalize(output)
     done = []
     for entry in _markers(output):
-        parsed = _parse_marker(output, entry.uri)
+        parsed = _parse_marker(entry.uri)
         if parsed and parsed[2] == COMMITTING:
             run_id, part, _ = parsed
             _finish_commit(output, run_id, part, json.loads(stores.read_bytes(entry.uri)))
@@ -267,8 +273,8 @@ class OutputLock:
     """
 
     def __init__(self, output: str, run_id: str, ttl_s: float = LOCK_TTL_S) -> None:
-        self.output, self.run_id, self.ttl_s = output, run_id, ttl_s
-        self.uri = stores.join(output, LOCK)
+        self.output, self.run_id, self.ttl_s = stores.normalize(output), run_id, ttl_s
+        self.uri = stores.join(self.output, LOCK)
         self.holder = {
             "run_id": run_id,
             "host": socket.gethostname(),

@@ -21,7 +21,9 @@ import datetime as dt
 import logging
 import os
 import resource
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -108,6 +110,11 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ConfigError("give at least one --input")
+        # One form for every location from here on: the ledger, the anti-join and the lock
+        # see the same output whether it was typed relative, with ./, a trailing slash or
+        # through a symlinked folder.
+        self.model, self.output = stores.normalize(self.model), stores.normalize(self.output)
+        self.inputs = [stores.normalize(uri) for uri in self.inputs]
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.commit_every < 1:
@@ -310,6 +317,84 @@ def log(message: str) -> None:
 _details = logging.getLogger("pneumo_ray.score")  # the job's log file; the console if verbose
 
 
+# --- stopping on a signal ---------------------------------------------------------------------
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by SIGINT or SIGTERM (a BaseException, as KeyboardInterrupt
+    is: no ``except Exception`` on the way may swallow it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class ScoringInterrupted(Exception):
+    """The job stopped on SIGINT or SIGTERM; every committed part stays, the lock is free."""
+
+    def __init__(self, signum: int, summary: ScoreSummary) -> None:
+        self.signum, self.summary = signum, summary
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        super().__init__(
+            f"interrupted ({signal.Signals(signum).name}): {summary.parts} part(s) "
+            f"({summary.scored + summary.failed} images) committed; run the same command to "
+            "score the rest"
+        )
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (``timeout``, systemd, Kubernetes, ``ray job stop``) stop
+    the scoring run at once, except during a part's commit: that finishes first, so a signal
+    never leaves a half-done commit behind. Rows scored but not yet committed are dropped and
+    scored by the next run.
+
+    Installed after ``ray.init`` (whose native SIGTERM handler would dump a stack and die),
+    in the main thread only (Python delivers signals there); elsewhere it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._previous: dict[int, object] = {}
+        self._committing = False
+        self._pending: int | None = None
+        self._stopping = False
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            # None: a handler set outside Python (Ray's, for SIGTERM): the default ends the
+            # process as it would, without the native stack dump.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self._stopping:
+            return  # already stopping: a second Ctrl-C must not break into the clean-up
+        if self._committing:
+            self._pending = signum
+        else:
+            self._stopping = True
+            raise _Stop(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A block a signal does not break into; a signal that came meanwhile stops the run
+        as the block ends."""
+        self._committing = True
+        try:
+            yield
+        finally:
+            self._committing = False
+        if self._pending is not None:
+            self._stopping = True
+            raise _Stop(self._pending)
+
+
 # --- planning: what is left to score ---------------------------------------------------------
 
 
@@ -452,9 +537,11 @@ class PartWriter:
         lock: OutputLock,
         summary: ScoreSummary,
         profile: RunProfile | None = None,
+        signals: StopSignals | None = None,
     ):
         self.config, self.run_id, self.lock, self.summary = config, run_id, lock, summary
         self.profile = profile
+        self.signals = signals or StopSignals()  # not entered: defers nothing
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.seen = np.empty(0, dtype=np.int64)  # sorted hashes of the URIs committed
@@ -497,21 +584,22 @@ class PartWriter:
         kinds = table.column("error_kind").to_pylist()
         failed = sum(1 for e in errors if e)
         part = self.summary.parts
-        commit_part(
-            self.config.output,
-            self.run_id,
-            part,
-            table,
-            {"failed": failed, "model_version": table.column("model_version")[0].as_py()},
-        )
         summary = self.summary
-        summary.parts += 1
+        with self.signals.deferred():  # a part and its count are committed together
+            commit_part(
+                self.config.output,
+                self.run_id,
+                part,
+                table,
+                {"failed": failed, "model_version": table.column("model_version")[0].as_py()},
+            )
+            summary.parts += 1
+            summary.failed += failed
+            summary.scored += table.num_rows - failed
         summary.heatmaps += table.num_rows - table.column("heatmap_uri").null_count
         if self.profile is not None:
             self.profile.add(table)
-        summary.failed += failed
         summary.transient += sum(1 for k in kinds if k == TRANSIENT)
-        summary.scored += table.num_rows - failed
         uris = table.column("image_uri").to_pylist()
         for uri, error in zip(uris, errors, strict=True):
             if error and len(summary.errors) < MAX_ERRORS_KEPT:
@@ -538,7 +626,7 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
     if nodes > 1:
         log(f"shared storage: every local location is visible from all {nodes} nodes")
     run_id = summary.run_id = new_run_id()
-    with OutputLock(config.output, run_id, config.lock_ttl_s) as lock:
+    with OutputLock(config.output, run_id, config.lock_ttl_s) as lock, StopSignals() as signals:
         if lock.took_over:
             log(f"took over the lock of a run that stopped renewing it: {lock.took_over}")
         for line in recover(config.output, keep_run=run_id):
@@ -546,9 +634,14 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
         report_dir = stores.join(config.output, REPORTS, run_id)
         profile = RunProfile(read_drift_reference(config.model, card), card.get("monitoring"))
         try:
-            _score(config, card, report_dir, lock, summary, profile, started)
+            _score(config, card, report_dir, lock, summary, profile, started, signals)
             write_report(config, card, report_dir, summary, profile)
             write_run_summary(config.output, run_id, {**summary.as_dict(), "state": "finished"})
+        except _Stop as stop:
+            if summary.parts:
+                state = f"interrupted: {stop}"
+                write_run_summary(config.output, run_id, {**summary.as_dict(), "state": state})
+            raise ScoringInterrupted(stop.signum, summary) from None
         except BaseException as exc:
             if summary.parts:
                 write_run_summary(
@@ -585,6 +678,7 @@ def _score(
     summary: ScoreSummary,
     profile: RunProfile,
     started: float,
+    signals: StopSignals | None = None,
 ) -> None:
     run_id, model_version = summary.run_id, str(card.get("model_version", "unsaved"))
     log(f"listing {', '.join(config.inputs)}; model {model_version}")
@@ -601,15 +695,19 @@ def _score(
     heatmap_dir = stores.join(report_dir, "heatmaps")
     dataset, how = build_pipeline(config, work, int(card["image_size"]), heatmap_dir)
     log(f"{how}; committing every {config.commit_every} images; heatmaps: {config.heatmaps}")
-    writer = PartWriter(config, run_id, lock, summary, profile)
+    writer = PartWriter(config, run_id, lock, summary, profile, signals)
     scoring_started = time.perf_counter()
     progress = Progress("scoring", work.rows)
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if summary.first_scored_s is None:
-            summary.first_scored_s = time.perf_counter() - started
-            _details.info(f"first images scored after {summary.first_scored_s:.1f}s")
-        writer.add(batch)
-        progress.update(batch.num_rows)
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if summary.first_scored_s is None:
+                summary.first_scored_s = time.perf_counter() - started
+                _details.info(f"first images scored after {summary.first_scored_s:.1f}s")
+            writer.add(batch)
+            progress.update(batch.num_rows)
+    except _Stop:
+        progress.abandon()
+        raise
     writer.flush()
     progress.close()
     summary.seconds = time.perf_counter() - scoring_started

@@ -66,12 +66,31 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def normalize(uri: str) -> str:
-    """A canonical form of a URI: local paths absolute, no trailing slash."""
+    """The one form of a location, given once where it enters the package (a flag, a public
+    function): a local path absolute, with ``~``, ``./``, ``..`` and symbolic links resolved;
+    a URI (``s3://...``) as given, less a trailing slash. Below that edge paths are only
+    joined, never compared as strings of different forms."""
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if is_remote(uri):
         return uri.rstrip("/")
-    return os.path.abspath(os.path.expanduser(uri))
+    return os.path.realpath(os.path.expanduser(uri))
+
+
+def normalize_optional(uri: str | None) -> str | None:
+    """``normalize``, for a location that may be unset."""
+    return None if uri is None else normalize(uri)
+
+
+def parts_below(root: str, uri: str) -> list[str]:
+    """The path components of ``uri`` below the folder ``root`` (``a/b/c.jpeg`` -> ``["a", "b",
+    "c.jpeg"]``), compared component by component, never by string length; ValueError if
+    ``uri`` is not below ``root``. Both in the same form: ``uri`` from a listing of ``root``."""
+    base = [part for part in root.split("/") if part]
+    below = [part for part in uri.split("/") if part]
+    if below[: len(base)] != base:
+        raise ValueError(f"{uri} is not below {root}")
+    return below[len(base) :]
 
 
 def _uri_for(base_uri: str, path: str) -> str:

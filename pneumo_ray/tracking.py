@@ -108,9 +108,9 @@ class MlflowTracker(NullTracker):
             report = stores.join(bundle_uri, "report")
             if stores.exists(report):
                 root = stores.normalize(report)
-                for entry in stores.list_files(report):
-                    relative = entry.uri[len(root) :].lstrip("/")
-                    target = os.path.join(scratch, "report", relative)
+                for entry in stores.list_files(root):
+                    relative = stores.parts_below(root, entry.uri)
+                    target = os.path.join(scratch, "report", *relative)
                     _mkdirs(target)
                     with open(target, "wb") as handle:
                         handle.write(stores.read_bytes(entry.uri))

@@ -39,13 +39,14 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def run_job(script: str, *args: str, env: dict[str, str], timeout: float = 900):
-    """Run ``python jobs/<script> args`` and return the CompletedProcess (output captured)."""
+def run_job(script: str, *args: str, env: dict[str, str], timeout: float = 900, cwd: Path = REPO):
+    """Run ``python jobs/<script> args`` (from ``cwd``) and return the CompletedProcess (output
+    captured)."""
     import subprocess
 
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / script), *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,

@@ -25,11 +25,11 @@ from .dicom import write_dicom
 from .test_cluster import wait_for
 
 
-def score(bundle, inputs, output, env, *extra):
+def score(bundle, inputs, output, env, *extra, cwd=REPO):
     args = ["--model", str(bundle), "--output", str(output), *extra]
     for uri in inputs:
         args += ["--input", str(uri)]
-    result = run_job("score.py", *args, env=env)
+    result = run_job("score.py", *args, env=env, cwd=cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout + result.stderr
 
@@ -184,13 +184,13 @@ def test_manifest_input_and_missing_files(trained, tmp_path, job_env):
     assert df.drop(index=str(missing))["error"].isna().all()
 
 
-def start_job(script, args, env, log):
+def start_job(script, args, env, log, cwd=REPO):
     """``jobs/<script>`` in its own process group (to stop what it started, and only that),
     output to a file: a pipe nobody reads could fill and stall it."""
     sink = open(log, "w")  # noqa: SIM115 (the child holds it; closed when the test ends)
     return subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / script), *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         stdout=sink,
         stderr=subprocess.STDOUT,
