@@ -343,8 +343,8 @@ class ScoringInterrupted(Exception):
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (``timeout``, systemd, Kubernetes, ``ray job stop``) stop
-    the scoring run at once, except during a part's commit: that finishes first, so a signal
+    """SIGINT (Ctrl-C, ``timeout -s INT``) and SIGTERM (``ray job stop``, Kubernetes, ``kill``)
+    stop the scoring run at once, except during a part's commit: that finishes first, so a signal
     never leaves a half-done commit behind. Rows scored but not yet committed are dropped and
     scored by the next run.
 
