@@ -13,7 +13,7 @@ DEMO_FLAGS ?= --image-size 64 --epochs 5 --lr-binary 1e-3
 # torch/torchvision pinned to the releases this machine has on disk (pyproject caps them).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo demo-jobs test quality device-check lint format venv clean
+.PHONY: demo demo-jobs test test-fast quality device-check lint format venv clean
 
 venv: $(VENV)/.installed
 
@@ -56,6 +56,11 @@ device-check: venv
 test: venv
 	$(PY) -m ruff check pneumo_ray jobs tests
 	$(PY) -m pytest
+
+# Between edits: the tests that start no Ray and train nothing (about a minute here).
+test-fast: venv
+	$(PY) -m ruff check pneumo_ray jobs tests
+	$(PY) -m pytest --fast -q
 
 lint: venv
 	$(PY) -m ruff check pneumo_ray jobs tests

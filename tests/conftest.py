@@ -14,6 +14,29 @@ CHEST_XRAY = SHARED_DATA / "chest_xray"
 FULLRES = SHARED_DATA / "chest_xray_fullres"
 
 
+# A test that uses one of these starts Ray or runs a job (or trains, through `trained`).
+RAY_FIXTURES = {"ray_local", "trained", "job_env"}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fast",
+        action="store_true",
+        help="only the tests that start no Ray and train nothing (make test-fast)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--fast"):
+        return
+    kept, dropped = [], []
+    for item in items:
+        slow = item.get_closest_marker("integration") or RAY_FIXTURES & set(item.fixturenames)
+        (dropped if slow else kept).append(item)
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
+
+
 def pytest_configure(config):
     # The real images are part of the test suite's contract: fail loudly rather than skip.
     if not CHEST_XRAY.is_dir():
