@@ -191,12 +191,18 @@ def _uris(output) -> list[str]:
     return read_scores(str(output)).column("image_uri").to_pylist()
 
 
+def _working_folder(tmp_path, folder: str, picks: slice):
+    """The jobs' working folder, holding ``store/`` (symlinks to shared test images):
+    (folder, store, the images linked)."""
+    work = tmp_path / "work"
+    sources = sorted((CHEST_XRAY / "test" / folder).glob("*.jpeg"))[picks]
+    return work, link_images(work / "store", sources), sources
+
+
 @pytest.mark.integration
 def test_relative_output_in_every_form_skips_what_was_scored(trained, tmp_path, job_env):
     bundle, _ = trained
-    work = tmp_path / "work"
-    sources = sorted((CHEST_XRAY / "test" / "NORMAL").glob("*.jpeg"))[:6]
-    store = link_images(work / "store", sources)
+    work, store, sources = _working_folder(tmp_path, "NORMAL", slice(6))
     (work / "data").mkdir()
     (work / "here").symlink_to(work / "data")  # a symlinked folder
     log = score(bundle, ["store"], "here/out", job_env, cwd=work)
@@ -212,9 +218,7 @@ def test_relative_output_in_every_form_skips_what_was_scored(trained, tmp_path, 
 @pytest.mark.integration
 def test_a_commit_killed_midway_is_finished_by_the_next_run(trained, tmp_path, job_env):
     bundle, _ = trained
-    work = tmp_path / "work"
-    sources = sorted((CHEST_XRAY / "test" / "PNEUMONIA").glob("*.jpeg"))[:10]
-    store = link_images(work / "store", sources)
+    work, store, sources = _working_folder(tmp_path, "PNEUMONIA", slice(10))
     env = {**job_env, faults.KILL_IN_COMMIT: "1"}  # SIGKILL between part 1's two markers
     args = score_args(bundle, "store", "out", "--commit-every", "4", "--heatmaps", "none")
     job = start_job("score.py", args, env, tmp_path / "killed.log", cwd=work)
@@ -248,9 +252,7 @@ def _interrupted(job, log_path, signum, to_group: bool, output, parts: int) -> s
 @pytest.mark.integration
 def test_sigint_and_sigterm_end_a_run_with_one_line(trained, tmp_path, job_env):
     bundle, _ = trained
-    work = tmp_path / "work"
-    sources = sorted((CHEST_XRAY / "test" / "PNEUMONIA").glob("*.jpeg"))[20:30]
-    store = link_images(work / "store", sources)
+    work, store, sources = _working_folder(tmp_path, "PNEUMONIA", slice(20, 30))
     output = work / "out"
     # Each run waits after its first part (4 images) for a file that never comes, to be stopped
     # there: Ctrl-C reaches the whole process group, SIGTERM (ray job stop, Kubernetes) the
