@@ -637,16 +637,13 @@ def run_scoring(config: ScoreConfig) -> ScoreSummary:
             _score(config, card, report_dir, lock, summary, profile, started, signals)
             write_report(config, card, report_dir, summary, profile)
             write_run_summary(config.output, run_id, {**summary.as_dict(), "state": "finished"})
-        except _Stop as stop:
-            if summary.parts:
-                state = f"interrupted: {stop}"
-                write_run_summary(config.output, run_id, {**summary.as_dict(), "state": state})
-            raise ScoringInterrupted(stop.signum, summary) from None
         except BaseException as exc:
+            stopped = isinstance(exc, _Stop)
             if summary.parts:
-                write_run_summary(
-                    config.output, run_id, {**summary.as_dict(), "state": f"failed: {exc!r}"}
-                )
+                state = f"interrupted: {exc}" if stopped else f"failed: {exc!r}"
+                write_run_summary(config.output, run_id, {**summary.as_dict(), "state": state})
+            if stopped:
+                raise ScoringInterrupted(exc.signum, summary) from None
             raise
         finally:
             stores.delete_dir(stores.join(config.output, STAGING, run_id))
