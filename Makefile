@@ -31,7 +31,7 @@ demo: venv
 # (tests/test_paths.py runs them twice from a temporary folder).
 demo-jobs:
 ifeq ($(DATA),)
-	test -f out/demo_store/SYNTHETIC.txt || $(PY) -m pneumo_ray.synthetic out/demo_store
+	test -f out/demo_store/SYNTHETIC.txt || $(PY) -m pneumo_ray.io.synthetic out/demo_store
 	$(PY) $(HERE)/jobs/train.py --data out/demo_store --output $(OUT) $(DEMO_FLAGS)
 	$(PY) $(HERE)/jobs/score.py --model $(OUT) --input out/demo_store --output $(OUT)_scores
 else
@@ -51,24 +51,24 @@ quality: venv
 # training in bf16 and fp32, then 5,000 full-resolution images scored with GPU actors, with CPU
 # and with GPU (nvJPEG) decode, against CPU scoring of the same images.
 device-check: venv
-	$(PY) jobs/device_check.py --data $(QUALITY_DATA) --fullres ../shared/data/chest_xray_fullres
+	$(PY) benchmarks/device_check.py --data $(QUALITY_DATA) --fullres ../shared/data/chest_xray_fullres
 
 test: venv
-	$(PY) -m ruff check pneumo_ray jobs tests
+	$(PY) -m ruff check pneumo_ray jobs benchmarks tests
 	$(PY) -m pytest
 
 # Between edits: the tests that start no Ray and train nothing (about a minute here).
 test-fast: venv
-	$(PY) -m ruff check pneumo_ray jobs tests
+	$(PY) -m ruff check pneumo_ray jobs benchmarks tests
 	$(PY) -m pytest --fast -q
 
 lint: venv
-	$(PY) -m ruff check pneumo_ray jobs tests
-	$(PY) -m ruff format --check pneumo_ray jobs tests
+	$(PY) -m ruff check pneumo_ray jobs benchmarks tests
+	$(PY) -m ruff format --check pneumo_ray jobs benchmarks tests
 
 format: venv
-	$(PY) -m ruff format pneumo_ray jobs tests
-	$(PY) -m ruff check --fix pneumo_ray jobs tests
+	$(PY) -m ruff format pneumo_ray jobs benchmarks tests
+	$(PY) -m ruff check --fix pneumo_ray jobs benchmarks tests
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

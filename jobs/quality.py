@@ -18,9 +18,9 @@ import sys
 import time
 
 from pneumo_ray import cli
-from pneumo_ray.errors import USER_ERRORS
-from pneumo_ray.evaluation import results_table
-from pneumo_ray.pipeline import run_training
+from pneumo_ray.cli import user_errors
+from pneumo_ray.training.evaluation import results_table
+from pneumo_ray.training.pipeline import run_training
 
 # Robustness to another site's images (issue 11), fixed before the run that tests them (the
 # validation split comes from the training source, so it cannot judge them): acquisition-shift
@@ -110,5 +110,5 @@ def _minutes(seconds: float) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         sys.exit(f"quality.py: error: {exc}")

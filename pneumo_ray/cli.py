@@ -31,7 +31,7 @@ from pneumo_ray.config import (
 
 NETWORK_NAMES = ("binary", "multiclass", "autoencoder")
 KNN_K_CANDIDATES = (5, 15, 25, 51)  # pneumo_ray.models.knn's; repeated so --help needs no torch
-BOOTSTRAP_REPLICATES = 1000  # pneumo_ray.evaluation's, for the same reason
+BOOTSTRAP_REPLICATES = 1000  # pneumo_ray.training.evaluation's, for the same reason
 
 
 class Parser(argparse.ArgumentParser):
@@ -325,8 +325,8 @@ def train_main(argv: Sequence[str] | None = None, prog: str | None = None) -> No
         config = train_config(args)  # before anything heavy is imported: a bad flag is quick
         check_tracking_args(args)
 
-        from pneumo_ray.pipeline import run_training
-        from pneumo_ray.tracking import tracker
+        from pneumo_ray.training.pipeline import run_training
+        from pneumo_ray.training.tracking import tracker
 
         connect(args, "train")
         run_training(config, tracker(args.mlflow_tracking_uri, args.mlflow_experiment))
@@ -414,7 +414,7 @@ def score_parser(prog: str | None = None) -> Parser:
 
 
 def score_config(args: argparse.Namespace):
-    from pneumo_ray.score import ScoreConfig
+    from pneumo_ray.scoring.score import ScoreConfig
 
     return ScoreConfig(
         model=args.model,
@@ -438,7 +438,7 @@ def score_main(argv: Sequence[str] | None = None, prog: str | None = None) -> No
     def score(args: argparse.Namespace) -> None:
         config = score_config(args)
 
-        from pneumo_ray.score import ScoringInterrupted, run_scoring
+        from pneumo_ray.scoring.score import ScoringInterrupted, run_scoring
 
         connect(args, "score")
         try:
@@ -453,7 +453,7 @@ def score_main(argv: Sequence[str] | None = None, prog: str | None = None) -> No
             print(f"  ... and {len(summary.errors) - 20} more (see the error column)")
         print(f"\n{summary}", flush=True)
         if config.fail_on_drift and summary.drifted:
-            from pneumo_ray.score import DRIFT_EXIT_CODE
+            from pneumo_ray.scoring.score import DRIFT_EXIT_CODE
 
             print(
                 "[pneumo_ray] drift against the training reference in "
@@ -503,7 +503,7 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
     def evaluate(args: argparse.Namespace) -> None:
         check_evaluate_args(args)
 
-        from pneumo_ray.evaluation import evaluate_store
+        from pneumo_ray.training.evaluation import evaluate_store
 
         connect(args, "evaluate")
         evaluate_store(args.model, args.data, args.split, args.output, args.bootstrap)
@@ -535,14 +535,25 @@ def stop_quietly() -> None:
         ray.shutdown()
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can fix (bad flag, missing store, bad file name, bad bundle): jobs print
+    them as one line and exit non-zero; anything else is a bug and keeps its traceback. Imported
+    when a job runs, so that ``--help`` loads none of the stages."""
+    from pneumo_ray.io.data import StoreLayoutError
+    from pneumo_ray.io.labels import LabelError
+    from pneumo_ray.io.stores import StoreError
+    from pneumo_ray.models.bundle import BundleError
+
+    return (BundleError, ConfigError, LabelError, StoreError, StoreLayoutError)
+
+
 def _run(
     parser: Parser, job: Callable[[argparse.Namespace], None], argv: Sequence[str] | None
 ) -> None:
     """Parse, run, and turn an error the user can fix into one line and exit code 1."""
-    from pneumo_ray.errors import USER_ERRORS
 
     args = parser.parse_args(argv)
     try:
         job(args)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         sys.exit(f"{parser.prog}: error: {exc}")

@@ -8,6 +8,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from pneumo_ray.errors import ConfigError
+
 BINARY_THRESHOLD_RULES = ("sensitivity", "youden")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -21,10 +23,6 @@ NORMALIZATIONS = ("none", "standardize")  # the CNNs' input normalization (--nor
 TTA_MODES = ("none", "flip")  # test-time augmentation of the CNNs (--tta)
 BINARY_SCORES = ("combined", "network")  # what p_pneumonia is (--binary-score)
 HEATMAP_MODES = ("flagged", "all", "none")  # which scored images get Grad-CAM (--heatmaps)
-
-
-class ConfigError(ValueError):
-    """A setting out of range; the message names the command-line flag."""
 
 
 def parse_worker_range(text: str | int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -151,9 +149,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Locations in one form from here on (a relative path resumes the same runs as its
-        # absolute twin); pneumo_ray.stores is imported here, not at the top: --help needs
+        # absolute twin); pneumo_ray.io.stores is imported here, not at the top: --help needs
         # no pyarrow.
-        from pneumo_ray.stores import normalize, normalize_optional
+        from pneumo_ray.io.stores import normalize, normalize_optional
 
         self.data, self.output = normalize(self.data), normalize(self.output)
         self.storage_path = normalize_optional(self.storage_path)

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import TextIO
 
-# Worker lines that stay on a quiet console: the training loop's own (pneumo_ray.train
+# Worker lines that stay on a quiet console: the training loop's own (pneumo_ray.training.loop
 # prints "[network] ..."), and errors.
 _SHOWN = re.compile(r"^\[(binary|multiclass|autoencoder|pneumo_ray[.\w]*)\] |\bERROR\b|Error:")
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")

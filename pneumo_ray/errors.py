@@ -1,14 +1,6 @@
-"""The errors a user can fix (bad flag, missing store, bad file name, bad bundle).
+"""The base error of a setting a user can fix. It imports nothing from the package, so every
+stage may raise it; the CLI's USER_ERRORS (pneumo_ray.cli) collects it with each stage's own."""
 
-Jobs print these as one line and exit non-zero; anything else is a bug and keeps its traceback.
-"""
 
-from pneumo_ray.bundle import BundleError
-from pneumo_ray.config import ConfigError
-from pneumo_ray.data import StoreLayoutError
-from pneumo_ray.labels import LabelError
-from pneumo_ray.stores import StoreError
-
-USER_ERRORS = (BundleError, ConfigError, LabelError, StoreError, StoreLayoutError)
-
-__all__ = ["USER_ERRORS"]
+class ConfigError(ValueError):
+    """A setting out of range; the message names the command-line flag."""

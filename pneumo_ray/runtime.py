@@ -12,7 +12,7 @@ import uuid
 
 import ray
 
-from pneumo_ray import stores
+from pneumo_ray.io import stores
 
 # Ray resolves its node address through this switch; off, a single-node Ray takes the loopback
 # address for its GCS, raylet, object manager, agents and workers (Ray 2.60).

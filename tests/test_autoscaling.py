@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumo_ray.score import read_scores
+from pneumo_ray.scoring.score import read_scores
 
 from .conftest import CHEST_XRAY, run_job
 from .test_cluster import free_port, ray_head, wait_for

@@ -104,8 +104,8 @@ def test_overrides_apply_in_order_and_are_validated_after():
 
 
 def test_constants_repeated_for_a_torch_free_help_match_their_modules():
-    from pneumo_ray.evaluation import BOOTSTRAP_REPLICATES
     from pneumo_ray.models.knn import KNN_K_CANDIDATES
+    from pneumo_ray.training.evaluation import BOOTSTRAP_REPLICATES
 
     assert tuple(KNN_K_CANDIDATES) == cli.KNN_K_CANDIDATES
     assert cli.BOOTSTRAP_REPLICATES == BOOTSTRAP_REPLICATES

@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pneumo_ray.bundle import load_bundle
-from pneumo_ray.score import committed_runs, read_scores
+from pneumo_ray.models.bundle import load_bundle
+from pneumo_ray.scoring.score import committed_runs, read_scores
 
 from .conftest import CHEST_XRAY, REPO, run_job
 

@@ -59,14 +59,14 @@ def test_num_workers_takes_a_count_or_a_range(text, expected):
 def test_bad_worker_counts_name_the_flag(text):
     with pytest.raises(ConfigError, match="--num-workers"):
         config(num_workers=text)
-    from pneumo_ray.score import ScoreConfig
+    from pneumo_ray.scoring.score import ScoreConfig
 
     with pytest.raises(ConfigError, match="--num-workers"):
         ScoreConfig(model="/m", inputs=["/i"], output="/o", num_workers=text)
 
 
 def test_bad_precision_and_decode_name_their_flags():
-    from pneumo_ray.score import ScoreConfig
+    from pneumo_ray.scoring.score import ScoreConfig
 
     with pytest.raises(ConfigError, match="--precision"):
         config(precision="fp8")

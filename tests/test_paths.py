@@ -19,10 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pneumo_ray import faults, stores
+from pneumo_ray import faults
 from pneumo_ray.config import TrainConfig
 from pneumo_ray.console import JobLog, Progress
-from pneumo_ray.ledger import (
+from pneumo_ray.io import stores
+from pneumo_ray.scoring.ledger import (
     COMMITTING,
     OUTPUT_SCHEMA,
     OutputLock,
@@ -32,11 +33,17 @@ from pneumo_ray.ledger import (
     read_scores,
     recover,
 )
-from pneumo_ray.score import ScoreConfig, ScoreSummary, ScoringInterrupted, StopSignals, _Stop
+from pneumo_ray.scoring.score import (
+    ScoreConfig,
+    ScoreSummary,
+    ScoringInterrupted,
+    StopSignals,
+    _Stop,
+)
 
 from .conftest import CHEST_XRAY, REPO
+from .scoring.test_score import link_images, score, score_args, start_job, stop_group
 from .test_cluster import wait_for
-from .test_score import link_images, score, score_args, start_job, stop_group
 
 # --- the one form of a location ---------------------------------------------------------------
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from pneumo_ray import faults, ledger, stores
-from pneumo_ray.bundle import load_bundle
-from pneumo_ray.score import read_scores
+from pneumo_ray import faults
+from pneumo_ray.io import stores
+from pneumo_ray.models.bundle import load_bundle
+from pneumo_ray.scoring import ledger
+from pneumo_ray.scoring.score import read_scores
 
 from .conftest import CHEST_XRAY, run_job
 from .test_cluster import SMALL_TRAIN, free_port, wait_for

@@ -1,0 +1,209 @@
+"""A labelled image store -> listing with labels -> Ray Data datasets of decoded images.
+
+The store is listed once (one recursive listing, sizes included), labelled from the Kaggle
+layout and filenames, then read and decoded by Ray Data CPU tasks. A file that cannot be read
+or decoded becomes a row with an ``error`` instead of failing its block, so training can skip
+it and name it in the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from pneumo_ray import faults
+from pneumo_ray.io import stores
+from pneumo_ray.io.images import ImageDecodeError, decode_image
+from pneumo_ray.io.labels import (
+    CLASS_DIRS,
+    CLASS_LABELS,
+    IMAGE_SUFFIXES,
+    LabelError,
+    LabelledImage,
+    label_from_path,
+)
+
+DECODE_BATCH_SIZE = 64
+READ_ATTEMPTS = 3
+READ_BACKOFF_S = 0.5  # doubled after each failed attempt
+PERMANENT, TRANSIENT = "permanent", "transient"
+
+
+class StoreLayoutError(ValueError):
+    """A labelled store that is not in the Kaggle layout, or misses a class."""
+
+
+def read_image_bytes(uri: str) -> bytes:
+    """Read a file, retrying transient failures (timeouts, throttling, I/O errors) with
+    back-off; a missing file (StoreError) is not retried."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            faults.before_read(uri, attempt)
+            return stores.read_bytes(uri)
+        except stores.StoreError:
+            raise
+        except OSError:
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+            time.sleep(READ_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def error_kind(exc: Exception) -> str:
+    """ "permanent" for what the same bytes will always give (corrupt, truncated, not an image,
+    a decompression bomb, a missing file); "transient" for a read that may work next time."""
+    if isinstance(exc, ImageDecodeError | stores.StoreError):
+        return PERMANENT
+    return TRANSIENT
+
+
+def load_image(uri: str, image_size: int) -> np.ndarray:
+    """Read and decode one image; raises ImageDecodeError, StoreError or OSError."""
+    return decode_image(read_image_bytes(uri), image_size)
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data batch function: add ``image`` (B, S, S) uint8, ``error`` ("" when decoded) and
+    ``error_kind``.
+
+    Each row is decoded on its own; a bad file yields a zero image and its error message,
+    never an exception (one raised here would fail the whole block, and the job).
+    """
+    uris = batch["image_uri"]
+    images = np.zeros((len(uris), image_size, image_size), dtype=np.uint8)
+    # "" rather than None for success: a column of only None would reach Arrow as NaNs.
+    errors, kinds = [""] * len(uris), [""] * len(uris)
+    for i, uri in enumerate(uris):
+        try:
+            images[i] = load_image(str(uri), image_size)
+        except (ImageDecodeError, OSError) as exc:
+            errors[i], kinds[i] = str(exc), error_kind(exc)
+    return {
+        **batch,
+        "image": images,
+        "error": np.array(errors, dtype=object),
+        "error_kind": np.array(kinds, dtype=object),
+    }
+
+
+def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data batch function for GPU decode: add the files' bytes (``image_data``), ``error``
+    ("" when read) and ``error_kind``; the model actor decodes. Never raises."""
+    uris = batch["image_uri"]
+    blobs: list[bytes] = [b""] * len(uris)
+    errors, kinds = [""] * len(uris), [""] * len(uris)
+    for i, uri in enumerate(uris):
+        try:
+            blobs[i] = read_image_bytes(str(uri))
+        except OSError as exc:
+            errors[i], kinds[i] = str(exc), error_kind(exc)
+    data = np.empty(len(uris), dtype=object)
+    data[:] = blobs
+    return {
+        **batch,
+        "image_data": data,
+        "error": np.array(errors, dtype=object),
+        "error_kind": np.array(kinds, dtype=object),
+    }
+
+
+def _drop_failed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ok = batch["error"] == ""
+    return {key: value[ok] for key, value in batch.items() if key not in ("error", "error_kind")}
+
+
+def _only_normal(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keep = batch["label_index"] == CLASS_LABELS.index("normal")
+    return {key: value[keep] for key, value in batch.items()}
+
+
+def list_store(uri: str) -> list[LabelledImage]:
+    """List and label every image of a Kaggle-layout store ``{train,val,test}/{NORMAL,PNEUMONIA}``.
+
+    Raises StoreError for a missing store, StoreLayoutError for a missing split or class, and
+    LabelError (naming the file) for a file whose name gives no label or patient.
+    """
+    if not stores.is_dir(uri):
+        raise stores.StoreError(f"{uri}: image store not found (expected a folder or s3:// prefix)")
+    images: list[LabelledImage] = []
+    root = stores.normalize(uri)
+    for entry in stores.list_files(root, IMAGE_SUFFIXES):
+        relative = stores.parts_below(root, entry.uri)
+        if len(relative) != 3 or relative[0] not in ("train", "val", "test"):
+            continue  # README files, manifests, other folders: not part of the layout
+        if relative[1].upper() not in CLASS_DIRS:
+            raise LabelError(f"{entry.uri}: class folder must be NORMAL or PNEUMONIA")
+        images.append(label_from_path(entry.uri, relative[0], entry.size, entry.mtime_ns))
+    train = Counter(image.label for image in images if image.split in ("train", "val"))
+    for label in CLASS_LABELS:
+        if not train[label]:
+            raise StoreLayoutError(f"{uri}: the training images have no {label} image")
+    test = Counter(image.label == "normal" for image in images if image.split == "test")
+    for is_normal, folder in ((True, "NORMAL"), (False, "PNEUMONIA")):
+        if not test[is_normal]:
+            raise StoreLayoutError(f"{uri}: test/{folder} has no .jpeg/.jpg/.png images")
+    return images
+
+
+def fingerprint(images: Sequence[LabelledImage]) -> dict:
+    """A stable summary of the data a model was trained on: URIs, sizes and modification
+    times, hashed (a file rewritten in place changes it)."""
+    digest = hashlib.sha256()
+    for image in sorted(images, key=lambda i: i.uri):
+        digest.update(f"{image.uri}\t{image.size}\t{image.mtime_ns}\n".encode())
+    counts = Counter(image.label for image in images)
+    return {
+        "images": len(images),
+        "bytes": sum(image.size for image in images),
+        "class_counts": {label: counts.get(label, 0) for label in CLASS_LABELS},
+        "sha256": digest.hexdigest(),
+    }
+
+
+@dataclass
+class DecodedSplit:
+    """A materialized dataset of decoded images, with what could not be used."""
+
+    dataset: ray.data.Dataset  # columns: image_uri, label_index, image (S, S) uint8
+    count: int
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (uri, why)
+
+
+def decode_split(images: Sequence[LabelledImage], image_size: int, seed: int) -> DecodedSplit:
+    """Decode a split with Ray Data and keep it in the object store.
+
+    The rows are shuffled (seeded) before decoding so that blocks mix the classes: the training
+    iterators only shuffle locally. Decoding once, here, leaves Ray Data no CPU work while the
+    trainers run, so workers may take every CPU without starving it.
+    """
+    rows = [
+        {"image_uri": image.uri, "label_index": CLASS_LABELS.index(image.label)} for image in images
+    ]
+    random.Random(seed).shuffle(rows)
+    decoded = (
+        ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // DECODE_BATCH_SIZE))
+        .map_batches(
+            decode_batch,
+            fn_kwargs={"image_size": image_size},
+            batch_size=DECODE_BATCH_SIZE,
+            batch_format="numpy",
+        )
+        .materialize()
+    )
+    outcome = decoded.select_columns(["image_uri", "error"]).to_pandas()
+    failed_rows = outcome[outcome["error"] != ""]
+    failed = sorted(zip(failed_rows["image_uri"], failed_rows["error"], strict=True))
+    dataset = decoded.map_batches(_drop_failed, batch_format="numpy").materialize()
+    return DecodedSplit(dataset, len(rows) - len(failed), failed)
+
+
+def normal_only(split: DecodedSplit) -> ray.data.Dataset:
+    """The normal images of a decoded split (the autoencoder's training data)."""
+    return split.dataset.map_batches(_only_normal, batch_format="numpy").materialize()

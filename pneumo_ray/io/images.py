@@ -1,0 +1,227 @@
+"""Decode, resize and augment chest X-rays.
+
+One decoding path serves training and scoring alike: any JPEG or PNG (grayscale, RGB, RGBA,
+palette, 16-bit) becomes an 8-bit grayscale ``(S, S)`` array; the model sees it scaled to
+[0, 1]. Images are squashed to a square, as the Kaggle copies of this data set already are.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import v2
+
+# torch is imported inside the functions that need it: the decode tasks of Ray Data import
+# this module, and without torch each of their worker processes is about 0.8 GB smaller.
+
+# A real chest X-ray is at most a few thousand pixels a side; far beyond that it is a
+# decompression bomb or not an X-ray at all.
+MAX_PIXELS = 60_000_000
+MIN_SIDE = 16
+
+PREPROCESSING = {
+    "decode": "8-bit grayscale (16-bit scaled by 1/257; alpha composited on black; DICOM: "
+    "modality LUT, VOI window or pixel range, MONOCHROME1 inverted)",
+    "resize": "bilinear to image_size x image_size (aspect ratio not kept)",
+    "scale": "pixel / 255 -> [0, 1]",
+    "jpeg_draft": "JPEG decoded at the smallest DCT scale not below image_size",
+}
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable chest X-ray image; the message says why."""
+
+
+def _to_grayscale_u8(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> 8-bit grayscale array."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if mode == "I" and pixels.max(initial=0) > 65535:
+            raise ImageDecodeError(f"32-bit integer pixels up to {pixels.max():.0f}")
+        return np.clip(np.round(pixels / 257.0), 0, 255).astype(np.uint8)
+    if mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        hi = 1.0 if pixels.max(initial=0) <= 1.0 else 65535.0 if pixels.max() > 255 else 255.0
+        return np.clip(np.round(pixels / hi * 255.0), 0, 255).astype(np.uint8)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(black, rgba)
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def is_dicom(data: bytes) -> bool:
+    """DICOM Part 10 files carry ``DICM`` after a 128-byte preamble."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _dicom_to_u8(data: bytes) -> np.ndarray:
+    """A DICOM image -> 8-bit grayscale: modality LUT (rescale slope/intercept), the file's
+    VOI window when it has one (else the pixel range), MONOCHROME1 inverted."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        rows, cols = int(dataset.Rows), int(dataset.Columns)
+        if rows * cols > MAX_PIXELS:
+            raise ImageDecodeError(f"{cols}x{rows} pixels is over the {MAX_PIXELS:,} pixel limit")
+        pixels = dataset.pixel_array
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(f"not a readable DICOM image: {type(exc).__name__}: {exc}") from exc
+    if pixels.ndim != 2:
+        raise ImageDecodeError(f"DICOM pixel data of shape {pixels.shape}; expected one 2-D frame")
+    values = apply_modality_lut(pixels, dataset).astype(np.float64)
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        values = apply_voi_lut(values, dataset).astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    if getattr(dataset, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+        scaled = 1.0 - scaled  # MONOCHROME1: high values are dark
+    return np.round(scaled * 255.0).astype(np.uint8)
+
+
+def decode_image(data: bytes, image_size: int) -> np.ndarray:
+    """Bytes of a JPEG, PNG or DICOM file -> ``(image_size, image_size)`` uint8 grayscale.
+
+    Raises ImageDecodeError for empty, truncated, corrupt or absurdly large images.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    if is_dicom(data):
+        gray = Image.fromarray(_dicom_to_u8(data))
+        resized = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageDecodeError(
+                    f"{width}x{height} pixels is over the {MAX_PIXELS:,} pixel limit "
+                    "(decompression bomb?)"
+                )
+            if min(width, height) < MIN_SIDE:
+                raise ImageDecodeError(f"{width}x{height} pixels is too small for an X-ray")
+            if image.format == "JPEG":
+                # DCT scaling: decode at 1/2, 1/4 or 1/8 when that still covers the target.
+                image.draft("L", (image_size, image_size))
+            image = ImageOps.exif_transpose(image)
+            image.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
+    except Exception as exc:  # Pillow raises many types for bad bytes
+        raise ImageDecodeError(f"not a readable image: {type(exc).__name__}: {exc}") from exc
+    gray = Image.fromarray(_to_grayscale_u8(image))
+    resized = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def to_model_input(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, H, W)`` -> float32 ``(B, 1, H, W)`` in [0, 1]."""
+    import torch
+
+    if isinstance(batch, np.ndarray) and not batch.flags.writeable:
+        batch = batch.copy()  # Ray hands out read-only views; torch wants to own writable memory
+    tensor = torch.as_tensor(batch)
+    return tensor.unsqueeze(1).to(torch.float32).div_(255.0)
+
+
+class AcquisitionShift:
+    """What differs between X-ray sites, drawn at random for one ``(1, H, W)`` image in [0, 1]:
+
+    - blur (detector and processing resolution) or sharpening (edge enhancement), p 0.5;
+    - gamma (the site's tone curve), p 0.5;
+    - Gaussian noise (dose, detector), p 0.3;
+    - JPEG recompression at quality 20-80 (PACS exports), p 0.3;
+    - down- and up-sampling by 0.35-0.8 (acquired or stored at lower resolution), p 0.3.
+
+    Brightness and contrast are the ColorJitter's. Uses torch's global generator, which the
+    training loop seeds per rank and epoch.
+    """
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+        from torchvision.io import decode_jpeg, encode_jpeg
+        from torchvision.transforms.v2 import functional as TF
+
+        def draw(low: float, high: float) -> float:
+            return low + (high - low) * float(torch.rand(()))
+
+        if torch.rand(()) < 0.5:
+            if torch.rand(()) < 0.5:
+                sigma = draw(0.3, 1.5)
+                image = TF.gaussian_blur(image, [2 * math.ceil(3 * sigma) + 1] * 2, [sigma])
+            else:
+                blurred = TF.gaussian_blur(image, [5, 5], [1.0])
+                image = image + draw(0.3, 1.5) * (image - blurred)
+        image = image.clamp(0.0, 1.0)
+        if torch.rand(()) < 0.5:
+            image = image.pow(draw(0.7, 1.5))
+        if torch.rand(()) < 0.3:
+            image = image + torch.randn_like(image) * draw(0.005, 0.03)
+        image = image.clamp(0.0, 1.0)
+        if torch.rand(()) < 0.3:
+            encoded = encode_jpeg(image.mul(255).round().to(torch.uint8).cpu(), int(draw(20, 80)))
+            image = decode_jpeg(encoded).to(image.device, torch.float32).div(255)
+        if torch.rand(()) < 0.3:
+            height, width = image.shape[-2:]
+            factor = draw(0.35, 0.8)
+            small = (max(8, round(height * factor)), max(8, round(width * factor)))
+            image = F.interpolate(image[None], size=small, mode="bilinear", antialias=True)
+            image = F.interpolate(image, size=(height, width), mode="bilinear")[0]
+        return image.clamp(0.0, 1.0)
+
+
+def train_augmentation(acquisition_shift: bool = False) -> v2.Transform:
+    """The design's augmentation (rotation, shifts, shear, zoom, horizontal flip) plus
+    brightness and contrast jitter: exposure differs between machines and sites, and the
+    Kermany test split's exposure differs from its train split's. ``acquisition_shift`` adds
+    ``AcquisitionShift`` (blur and sharpening, gamma, noise, JPEG, resampling)."""
+    from torchvision.transforms import v2
+
+    steps = [
+        v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=8),
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.ColorJitter(brightness=0.2, contrast=0.2),
+    ]
+    if acquisition_shift:
+        steps.append(AcquisitionShift())
+    return v2.Compose(steps)
+
+
+def augment_batch(images: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
+    """Apply ``transform`` to each image of a ``(B, 1, H, W)`` batch with its own randomness."""
+    import torch
+
+    return torch.stack([transform(image) for image in images])
+
+
+def image_stats(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image of a uint8 batch ``(B, S, S)``, on [0, 1] pixels at the model's input size:
+    mean intensity, contrast (pixel standard deviation) and sharpness (standard deviation of
+    the 4-neighbour Laplacian: fine detail, which blur removes)."""
+    x = np.asarray(images, dtype=np.float32) / 255.0  # (B, S, S)
+    laplacian = (
+        4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+    )  # (B, S-2, S-2)
+    return {
+        "image_mean": x.mean(axis=(1, 2)),
+        "image_contrast": x.std(axis=(1, 2)),
+        "image_sharpness": laplacian.std(axis=(1, 2)),
+    }

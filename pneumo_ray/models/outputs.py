@@ -1,0 +1,46 @@
+"""The raw outputs of the networks for a batch: what the bundle (pneumo_ray.models.bundle) and
+the model actors (pneumo_ray.models.predict) both compute, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+def network_outputs(
+    models: dict[str, torch.nn.Module], x: torch.Tensor, tta: str = "none", inpaint: bool = True
+) -> dict[str, np.ndarray]:
+    """The raw outputs of whichever networks are given, for a batch ``x`` (B, 1, S, S).
+
+    ``binary_logit`` and ``p_pneumonia`` (binary; uncalibrated), ``multiclass_logits``,
+    ``probs`` (uncalibrated softmax) and ``embedding`` (three-class), ``ae_mse``, ``ae_code``
+    and, with ``inpaint``, ``ae_inpaint`` (autoencoder: pixel error, pooled latent code,
+    inpainting error), as float32 numpy arrays. ``tta="flip"`` averages the CNNs' logits and
+    embeddings over the image and its mirror image.
+    """
+    import torch
+
+    from pneumo_ray.models.anomaly import autoencoder_outputs, inpainting_error
+
+    views = [x, torch.flip(x, dims=(3,))] if tta == "flip" else [x]
+    out: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        if "binary" in models:
+            logit = torch.stack([models["binary"](v) for v in views]).mean(dim=0)
+            out["binary_logit"], out["p_pneumonia"] = logit, torch.sigmoid(logit)
+        if "multiclass" in models:
+            model = models["multiclass"]  # eval mode: dropout off
+            embeddings = [model.embedding(v) for v in views]
+            logits = torch.stack([model.head(e) for e in embeddings]).mean(dim=0)
+            out["multiclass_logits"] = logits
+            out["embedding"] = torch.stack(embeddings).mean(dim=0)
+            out["probs"] = torch.softmax(logits, dim=1)
+        if "autoencoder" in models:
+            out["ae_mse"], out["ae_code"] = autoencoder_outputs(models["autoencoder"], x)
+            if inpaint:
+                out["ae_inpaint"] = inpainting_error(models["autoencoder"], x)
+        return {key: value.float().cpu().numpy() for key, value in out.items()}

@@ -1,0 +1,568 @@
+"""Ray Train: data-parallel training of the three networks over Ray Data shards.
+
+Each network is one ``TorchTrainer`` run. Workers read their shard of the decoded images with
+``iter_torch_batches``, augment on the fly (the CNNs), train with DDP, and report each epoch
+with a checkpoint from rank 0. A rerun with the same settings and storage resumes from the last
+checkpoint; a worker lost mid-run is replaced and training goes on from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.nn.functional as F
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+from torchvision.transforms import v2
+
+from pneumo_ray.config import TrainConfig
+from pneumo_ray.io import stores
+from pneumo_ray.io.images import augment_batch, to_model_input, train_augmentation
+from pneumo_ray.models.anomaly import masked_training_batch
+from pneumo_ray.models.autoencoder import reconstruction_error
+from pneumo_ray.models.networks import NETWORKS, build_network
+
+__all__ = ["NETWORKS", "build_network", "fit_network", "train_step"]
+STATE_FILE = "state.pt"
+SHUFFLE_BUFFER = 512
+BN_CALIBRATION_IMAGES = 512  # recent clean training images that re-estimate BatchNorm stats
+
+
+def class_weights(label_counts: dict[str, int], labels: tuple[str, ...]) -> list[float]:
+    """Inverse-frequency weights, n / (k * n_c): each class weighs the same in the loss."""
+    total = sum(label_counts.get(label, 0) for label in labels)
+    return [total / (len(labels) * max(1, label_counts.get(label, 0))) for label in labels]
+
+
+def per_sample_loss(
+    name: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor | None,
+    masking: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss of each image (B,), correct predictions (B,) bool) for one batch.
+
+    ``y`` is the three-class index; the binary network learns ``y > 0`` (pneumonia).
+    ``masking``: the share of the autoencoder's images given with patches hidden (it learns
+    to fill them in from their context; the target is always the clean image).
+    """
+    if name == "autoencoder":
+        loss = reconstruction_error(model, x, shown=masked_training_batch(x, masking))
+        return loss, torch.zeros_like(loss, dtype=torch.bool)
+    logits = model(x)
+    if name == "binary":
+        target = (y > 0).long()
+        loss = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
+        correct = (logits > 0).long() == target
+    else:
+        target = y
+        loss = F.cross_entropy(logits, target, reduction="none")
+        correct = logits.argmax(dim=1) == target
+    if weights is not None:
+        loss = loss * weights[target]
+    return loss, correct
+
+
+def train_step(
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor | None,
+    augment: v2.Transform | None,
+    dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    masking: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch ``x`` (B, 1, S, S) in [0, 1]; returns per-image
+    (loss, correct), detached. ``dtype``: autocast dtype (None: fp32); ``scaler``: fp16's loss
+    scaling; ``masking``: see ``per_sample_loss``."""
+    if augment is not None:
+        x = augment_batch(x, augment)
+    if x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        loss, correct = per_sample_loss(name, model, x, y, weights, masking)
+    loss = loss.float()
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss.mean()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.mean().backward()
+        optimizer.step()
+    return loss.detach(), correct
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (clean inputs).
+
+    Running averages lag far behind weights that change fast (early epochs, small data), so an
+    eval-mode network can look much worse than it is, and the best-epoch choice goes wrong.
+    A cumulative pass over recent un-augmented training images fixes the statistics to the
+    weights being evaluated. Dropout stays off during the pass.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or not batches:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the pass
+    model.eval()
+    for norm in norms:
+        norm.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.eval()
+
+
+def _progress(message: str) -> None:
+    # Straight to the worker's stdout (which Ray forwards to the driver): Ray Train's patched
+    # print would emit each line twice when stdout is wrapped.
+    print(message, file=sys.__stdout__, flush=True)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def to_cpu(value):
+    """``value`` with every tensor in it (nested dicts, lists, tuples) moved to the CPU.
+
+    Checkpoints and bundles hold CPU tensors only, so that weights trained on GPUs load on a
+    CPU-only head or scoring node, and the reverse.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_cpu(item) for item in value)
+    return value
+
+
+def load_state(path: str) -> dict:
+    """A training state saved by ``save_state`` (or by any device), onto the CPU."""
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--precision`` on ``device``; None means plain fp32.
+
+    ``auto`` is bf16 on GPUs that support it (no loss scaling needed) and fp32 elsewhere: on
+    CPU, autocast costs more than it saves for these small convolutions.
+    """
+    if precision == "auto":
+        supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "bf16" if supported else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def rank_seed(seed: int, rank: int, epoch: int) -> int:
+    """The augmentation seed of one rank in one epoch: ranks draw different augmentations, and a
+    resumed epoch draws the same ones as the first try."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+
+
+class ImageLabelCollate(NumpyBatchCollateFn):
+    """The two columns training needs, as tensors (the URI strings stay behind)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.from_numpy(np.array(batch["image"], copy=True))  # Ray's views are read-only
+        return image, torch.from_numpy(batch["label_index"].astype(np.int64))
+
+
+@dataclass
+class WorkerRun:
+    """What one Ray Train worker holds while it trains a network."""
+
+    loop: dict
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler | None
+    weights: torch.Tensor | None
+    augment: v2.Transform | None
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None: fp32
+    rank: int
+    world: int
+    state: dict
+
+    @property
+    def name(self) -> str:
+        return self.loop["network"]
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cpu" else x
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def batches(self, shard, shuffle: bool):
+        """(images (B, 1, S, S) in [0, 1], labels (B,)) on the worker's device. On GPUs Ray
+        Data pins each collated batch and copies it to the device on its prefetch thread."""
+        on_gpu = self.device.type == "cuda"
+        for image, label_index in shard.iter_torch_batches(
+            batch_size=max(1, self.loop["batch_size"] // self.world),
+            local_shuffle_buffer_size=SHUFFLE_BUFFER if shuffle else None,
+            local_shuffle_seed=rank_seed(self.loop["seed"], self.rank, self.state["epoch"])
+            if shuffle
+            else None,
+            collate_fn=ImageLabelCollate(),
+            device=self.device,
+            pin_memory=on_gpu,
+        ):
+            x = image.to(self.device, non_blocking=on_gpu)  # a no-op when Ray moved it
+            yield to_model_input(x), label_index.to(self.device, non_blocking=on_gpu)
+
+
+def start_worker_run(loop: dict) -> WorkerRun:
+    """Build the network, optimizer and schedule of one worker, resumed from the last
+    checkpoint when there is one."""
+    torch.set_num_threads(loop["threads"])
+    torch.manual_seed(loop["seed"])  # the same initial weights on every rank
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    model = build_network(loop["network"], loop["image_size"], loop["spec"])
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=loop["lr"], weight_decay=loop["weight_decay"]
+    )
+    # Per-epoch schedule: constant (the design's) or cosine decay to 0 over the run's epochs.
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=loop["epochs"])
+        if loop["lr_schedule"] == "cosine"
+        else None
+    )
+    dtype = autocast_dtype(loop["precision"], device)
+    # fp16 needs loss scaling (its range is narrow); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    weights = loop["class_weights"]
+    run = WorkerRun(
+        loop=loop,
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        scaler=scaler,
+        weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
+        augment=train_augmentation(loop["acquisition_shift"]) if loop["augment"] else None,
+        device=device,
+        dtype=dtype,
+        rank=rank,
+        world=world,
+        state={
+            "epoch": 0,
+            "history": [],
+            "best_val_loss": math.inf,
+            "best_epoch": -1,
+            "bad_epochs": 0,
+            "stopped": False,
+            "best": None,
+        },
+    )
+    pretrained = loop["spec"].get("pretrained")
+    if pretrained and rank == 0 and not ray.train.get_checkpoint():
+        _progress(
+            f"[{loop['network']}] initial weights: {pretrained} ({loop['spec']['architecture']})"
+        )
+    _restore(run)
+    node = ray.get_runtime_context().get_node_id()
+    worker_nodes = [node]
+    if world > 1:
+        worker_nodes = [None] * world
+        torch.distributed.all_gather_object(worker_nodes, node)
+    run.state["worker_nodes"] = worker_nodes  # where this (possibly resumed) run trained
+    return run
+
+
+def _restore(run: WorkerRun) -> None:
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return
+    with checkpoint.as_directory() as directory:
+        state = load_state(os.path.join(directory, STATE_FILE))
+    _unwrap(run.model).load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])  # onto the parameters' device
+    if run.schedule is not None:
+        run.schedule.load_state_dict(state["schedule"])
+    run.state = state
+    if run.rank == 0:
+        _progress(f"[{run.name}] resuming after epoch {state['epoch']} from {checkpoint.path}")
+
+
+def train_epoch(run: WorkerRun, shard) -> tuple[list[float], list[torch.Tensor]]:
+    """One pass over this rank's shard: ([images, loss sum, correct], recent clean batches
+    for the BatchNorm re-estimate)."""
+    torch.manual_seed(rank_seed(run.loop["seed"], run.rank, run.state["epoch"]))
+    seen, loss_sum, correct_sum = 0, 0.0, 0.0
+    recent: collections.deque[torch.Tensor] = collections.deque()
+    run.model.train()
+    for x, y in run.batches(shard, shuffle=True):
+        if len(y) < 2:
+            # A last batch of one image breaks BatchNorm's training statistics. Shards are
+            # split equally, so every rank skips the same step (DDP stays in lockstep).
+            continue
+        recent.append(run.prepare(x))
+        while sum(len(r) for r in recent) - len(recent[0]) >= BN_CALIBRATION_IMAGES:
+            recent.popleft()
+        loss, correct = train_step(
+            run.name, run.model, run.optimizer, x, y, run.weights, run.augment,
+            run.dtype, run.scaler, run.loop["masking"],
+        )  # fmt: skip
+        seen += len(y)
+        loss_sum += float(loss.sum())
+        correct_sum += float(correct.sum())
+    return [seen, loss_sum, correct_sum], list(recent)
+
+
+def validate(run: WorkerRun, shard, recent: list[torch.Tensor]) -> list[float]:
+    """[loss sum, correct, images] of this rank's validation shard, after re-estimating the
+    BatchNorm statistics on recent clean training images."""
+    recalibrate_batchnorm(_unwrap(run.model), recent)
+    loss_sum = correct = seen = 0.0
+    with torch.inference_mode(), run.autocast():
+        for x, y in run.batches(shard, shuffle=False):
+            loss, right = per_sample_loss(run.name, run.model, run.prepare(x), y, run.weights)
+            loss_sum += float(loss.float().sum())
+            correct += float(right.sum())
+            seen += len(y)
+    return [loss_sum, correct, seen]
+
+
+def record_epoch(run: WorkerRun, totals: list[float], seconds: float, lr: float) -> dict:
+    """Turn the all-reduced epoch totals into the epoch's metrics; keep the best weights."""
+    seen, loss_sum, correct_sum, val_loss, val_correct, val_seen = totals
+    state = run.state
+    state["epoch"] += 1
+    metrics = {
+        "epoch": state["epoch"],
+        "train_loss": loss_sum / max(1.0, seen),
+        "val_loss": val_loss / max(1.0, val_seen),
+        "images_per_s": seen / max(seconds, 1e-9),
+        "lr": lr,
+    }
+    if run.name != "autoencoder":
+        metrics["train_accuracy"] = correct_sum / max(1.0, seen)
+        metrics["val_accuracy"] = val_correct / max(1.0, val_seen)
+    if run.device.type == "cuda":
+        metrics["gpu_peak_mib"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+    state["history"].append(metrics)
+    if metrics["val_loss"] < state["best_val_loss"]:
+        state.update(best_val_loss=metrics["val_loss"], best_epoch=state["epoch"], bad_epochs=0)
+        state["best"] = to_cpu(_unwrap(run.model).state_dict())
+    else:
+        state["bad_epochs"] += 1
+        patience = run.loop["patience"]
+        state["stopped"] = patience is not None and state["bad_epochs"] >= patience
+    return metrics
+
+
+def report_epoch(run: WorkerRun, metrics: dict) -> None:
+    """Report the epoch to Ray Train; rank 0 attaches the checkpoint (CPU tensors only)."""
+    if run.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    shown = " ".join(f"{key}={value:.4g}" for key, value in metrics.items() if key != "epoch")
+    stop_note = " (early stop: no val-loss gain)" if run.state["stopped"] else ""
+    _progress(f"[{run.name}] epoch {run.state['epoch']}/{run.loop['epochs']} {shown}{stop_note}")
+    run.state["model"] = to_cpu(_unwrap(run.model).state_dict())
+    run.state["optimizer"] = to_cpu(run.optimizer.state_dict())
+    run.state["schedule"] = run.schedule.state_dict() if run.schedule is not None else {}
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save(run.state, os.path.join(directory, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def train_loop_per_worker(loop: dict) -> None:
+    """One Ray Train worker: train ``loop['network']`` for its epochs, reporting each one."""
+    run = start_worker_run(loop)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    while run.state["epoch"] < loop["epochs"] and not run.state["stopped"]:
+        started = time.perf_counter()
+        train_totals, recent = train_epoch(run, train_shard)
+        lr = run.optimizer.param_groups[0]["lr"]
+        if run.schedule is not None:
+            run.schedule.step()
+        seconds = time.perf_counter() - started
+        val_totals = validate(run, val_shard, recent)
+        totals = _all_reduce_sum(train_totals + val_totals, run.device)
+        report_epoch(run, record_epoch(run, totals, seconds, lr))
+
+
+@dataclass
+class TrainedNetwork:
+    name: str
+    state_dict: dict  # the weights of the best validation epoch
+    history: list[dict]
+    best_epoch: int
+    worker_nodes: list[str]  # Ray node id of each rank, in rank order
+    spec: dict | None = None  # architecture and normalization (build_network)
+
+    def model(self, image_size: int) -> nn.Module:
+        model = build_network(self.name, image_size, self.spec)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+@dataclass
+class Scaling:
+    min_workers: int
+    max_workers: int
+    use_gpu: bool
+    cpus_per_worker: int
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_workers > self.min_workers
+
+    def describe(self) -> str:
+        count = (
+            f"{self.min_workers}-{self.max_workers} (elastic)"
+            if self.elastic
+            else str(self.max_workers)
+        )
+        return (
+            f"{count} worker(s), {self.cpus_per_worker} CPU"
+            + (" and 1 GPU" if self.use_gpu else "")
+            + " each"
+        )
+
+    def scaling_config(self) -> ScalingConfig:
+        resources = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = 1
+        return ScalingConfig(
+            # A (min, max) range is Ray Train V2's elastic training: it starts once MIN workers
+            # fit, asks the autoscaler for MAX, and grows the group as nodes arrive.
+            num_workers=(self.min_workers, self.max_workers) if self.elastic else self.max_workers,
+            use_gpu=self.use_gpu,
+            resources_per_worker=resources,
+            # GPU workers pack (fast links between GPUs of a node); CPU workers spread, each
+            # then gets a node's cores for its compute-bound share of DDP.
+            placement_strategy="PACK" if self.use_gpu else "SPREAD",
+        )
+
+
+def decide_scaling(config: TrainConfig) -> Scaling:
+    """Workers and their resources from the flags and what the cluster has now.
+
+    ``--use-gpu`` asks for GPUs whether or not one is up: on an autoscaling cluster the
+    request is what makes the autoscaler start GPU nodes. Without the flag, GPUs are used when
+    the cluster has some now (a local Ray, a fixed cluster).
+
+    The images are decoded and materialized before the trainers start, so Ray Data needs no
+    CPU while they run: a worker may take a whole node's CPUs (one worker on a 2-CPU node
+    gets both, and its torch threads match).
+    """
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
+    if config.num_workers is not None:
+        low, high = config.num_workers
+    else:
+        low = high = max(1, gpus) if use_gpu else 1
+    if config.cpus_per_worker is not None:
+        cpus = config.cpus_per_worker
+    else:
+        node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
+        largest = max(node_cpus, default=1)
+        if use_gpu:
+            cpus = max(1, min(2, largest))
+        else:
+            # Nodes an autoscaler has not started yet are unknown: size for those up now, and
+            # never below one CPU (a head with 0 CPUs leaves all work to worker nodes).
+            per_node = math.ceil(low / max(1, sum(1 for c in node_cpus if c > 0)))
+            cpus = max(1, min(largest // per_node, int(resources.get("CPU", 1)) // low))
+    return Scaling(low, high, use_gpu=use_gpu, cpus_per_worker=cpus)
+
+
+def _run_config(config: TrainConfig, network: str, data_fingerprint: dict | None) -> RunConfig:
+    storage = config.storage_path or stores.join(config.output, "checkpoints")
+    fs, path = stores.resolve(storage)
+    return RunConfig(
+        name=config.run_key(network, data_fingerprint),
+        storage_path=path,
+        storage_filesystem=fs if stores.is_remote(storage) else None,
+        failure_config=FailureConfig(max_failures=config.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+
+
+def fit_network(
+    network: str,
+    config: TrainConfig,
+    scaling: Scaling,
+    train: ray.data.Dataset,
+    val: ray.data.Dataset,
+    weights: list[float] | None,
+    data_fingerprint: dict | None = None,
+) -> TrainedNetwork:
+    """Train one network with a TorchTrainer and return its best-validation weights (on the
+    CPU, whatever device trained them)."""
+    settings = config.network(network)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "network": network,
+            "image_size": config.image_size,
+            "epochs": settings.epochs,
+            "lr": settings.lr,
+            "weight_decay": settings.weight_decay,
+            "lr_schedule": settings.lr_schedule,
+            "patience": settings.early_stopping_patience,
+            "batch_size": config.batch_size,
+            "class_weights": weights,
+            "augment": network != "autoencoder",
+            "spec": config.network_spec(network),
+            "acquisition_shift": config.acquisition_shift,
+            "masking": config.autoencoder_masking if network == "autoencoder" else 0.0,
+            "seed": config.seed,
+            "threads": scaling.cpus_per_worker,
+            "precision": config.precision,
+        },
+        scaling_config=scaling.scaling_config(),
+        datasets={"train": train, "val": val},
+        dataset_config=DataConfig(datasets_to_split="all"),
+        run_config=_run_config(config, network, data_fingerprint),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{network}: training reported no checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = load_state(os.path.join(directory, STATE_FILE))
+    spec = {k: v for k, v in config.network_spec(network).items() if k != "pretrained"}
+    return TrainedNetwork(
+        network, state["best"], state["history"], state["best_epoch"], state["worker_nodes"], spec
+    )

@@ -1,0 +1,553 @@
+"""The training job end to end: store -> three trained networks + KNN -> bundle + report."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from sklearn.metrics import roc_auc_score
+
+from pneumo_ray.config import ANOMALY_SCORES, FEATURE_KINDS, TrainConfig
+from pneumo_ray.io import data
+from pneumo_ray.io.images import PREPROCESSING
+from pneumo_ray.io.labels import (
+    BINARY_LABELS,
+    CLASS_LABELS,
+    LabelledImage,
+    limit_per_class,
+    split_by_patient,
+)
+from pneumo_ray.models import calibration
+from pneumo_ray.models.anomaly import SCORE_DESCRIPTIONS, NormalReference
+from pneumo_ray.models.bundle import (
+    DRIFT_REFERENCE_FILE,
+    NORMAL_REFERENCE_FILE,
+    Bundle,
+    write_bundle,
+)
+from pneumo_ray.models.knn import KNN_K_CANDIDATES, KnnReference, select_features
+from pneumo_ray.models.predict import ActorPlan, Networks, plan_actors, run_models
+from pneumo_ray.monitoring.drift import DRIFT_RULE, IMAGE_STATS, STATISTICS, reference_table
+from pneumo_ray.runtime import check_shared_storage
+from pneumo_ray.training import report
+from pneumo_ray.training.evaluation import evaluate_bundle, log, results_table, write_report
+from pneumo_ray.training.loop import (
+    NETWORKS,
+    Scaling,
+    TrainedNetwork,
+    class_weights,
+    decide_scaling,
+    fit_network,
+)
+from pneumo_ray.training.tracking import NullTracker
+
+
+def _choose_knn(
+    config: TrainConfig, train_out: dict, val_out: dict
+) -> tuple[KnnReference, dict[str, dict[str, float]]]:
+    """Fit the KNN for each feature kind and each candidate k, score each on validation, keep
+    the asked-for kind with the asked-for k (or, for auto, the best on validation)."""
+    train_labels = np.asarray(CLASS_LABELS)[train_out["label_index"]]
+    val_labels = np.asarray(CLASS_LABELS)[val_out["label_index"]]
+    if config.knn_k is not None:
+        ks = [config.knn_k]
+    else:  # candidates the reference set can serve; the smallest always
+        ks = [k for k in KNN_K_CANDIDATES if k <= len(train_labels)] or [KNN_K_CANDIDATES[0]]
+    fitted, val_accuracy = {}, {}
+    for kind in FEATURE_KINDS:
+        features = select_features(train_out["probs"], train_out["embedding"], kind)
+        val_features = select_features(val_out["probs"], val_out["embedding"], kind)
+        val_accuracy[kind] = {}
+        for k in ks:
+            knn = KnnReference.fit(
+                list(train_out["image_uri"]), list(train_labels), features, k, kind
+            )
+            fitted[kind, k] = knn
+            val_accuracy[kind][str(k)] = float(np.mean(knn.predict(val_features) == val_labels))
+    kinds = FEATURE_KINDS if config.knn_features == "auto" else (config.knn_features,)
+    # Ties go to the design's softmax features, then to the smaller k.
+    chosen = max(
+        ((kind, k) for kind in kinds for k in ks),
+        key=lambda pair: (val_accuracy[pair[0]][str(pair[1])], pair[0] == "softmax", -pair[1]),
+    )
+    return fitted[chosen], val_accuracy
+
+
+def _calibrate(config: TrainConfig, val_out: dict) -> dict:
+    """Temperatures of both CNNs fitted on validation (1.0 with --no-calibrate), with the
+    validation ECE of p_pneumonia before and after; the card's calibration entry."""
+    is_pneumonia = val_out["label_index"] > 0
+    temperatures = {"binary": 1.0, "multiclass": 1.0}
+    if config.calibrate:
+        temperatures = {
+            "binary": calibration.fit_temperature(val_out["binary_logit"], is_pneumonia),
+            "multiclass": calibration.fit_temperature(
+                val_out["multiclass_logits"], val_out["label_index"]
+            ),
+        }
+    ece = {}
+    for label, t in (
+        ("uncalibrated", {"binary": 1.0, "multiclass": 1.0}),
+        ("calibrated", temperatures),
+    ):
+        p = _binary_scores(config, val_out, t)
+        ece[label] = {
+            kind: calibration.expected_calibration_error(p[kind], is_pneumonia)
+            for kind in ("p_pneumonia", "p_pneumonia_cnn")
+        }
+    return {
+        "temperatures": temperatures,
+        "method": "temperature scaling: logits / T, T minimizing validation NLL"
+        if config.calibrate
+        else "none (--no-calibrate)",
+        "validation_ece": ece,
+    }
+
+
+def _binary_scores(config: TrainConfig, val_out: dict, temperatures: dict) -> dict:
+    """p_pneumonia (the --binary-score) and p_pneumonia_cnn from raw outputs, as the bundle
+    computes them."""
+    return calibration.calibrated_outputs(
+        val_out["binary_logit"], val_out["multiclass_logits"], temperatures, config.binary_score
+    )
+
+
+def _binary_threshold(config: TrainConfig, val_out: dict, temperatures: dict) -> tuple[float, dict]:
+    """The binary threshold from validation outputs, and the card entry that says how."""
+    is_pneumonia = val_out["label_index"] > 0
+    scores = _binary_scores(config, val_out, temperatures)["p_pneumonia"]
+    if config.binary_threshold == "sensitivity":
+        threshold = report.sensitivity_threshold(is_pneumonia, scores, config.target_sensitivity)
+        rule = (
+            f"highest threshold with validation sensitivity >= {config.target_sensitivity:g} "
+            "(--binary-threshold sensitivity)"
+        )
+    else:
+        threshold = report.youden_threshold(is_pneumonia, scores)
+        rule = (
+            "Youden's J (max sensitivity + specificity) on validation (--binary-threshold youden)"
+        )
+    validation = report.operating_point(is_pneumonia, scores, threshold)
+    return threshold, {"threshold_rule": rule, "validation": validation}
+
+
+def _choose_anomaly_score(
+    config: TrainConfig, normal_train_out: dict, val_out: dict
+) -> tuple[NormalReference, str, dict]:
+    """Fit the latent reference on normal training images; threshold both anomaly scores on
+    normal validation images; keep the asked-for score (auto: higher validation AUC)."""
+    reference = NormalReference.fit(
+        list(normal_train_out["image_uri"]), normal_train_out["ae_code"], k=config.anomaly_k
+    )
+    val_scores = {
+        "latent": reference.score(val_out["ae_code"]),
+        "inpaint": val_out["ae_inpaint"],
+        "mse": val_out["ae_mse"],
+    }
+    val_is_pneumonia = val_out["label_index"] > 0
+    scores = {}
+    for kind in ANOMALY_SCORES:
+        values = val_scores[kind]
+        scores[kind] = {
+            "description": SCORE_DESCRIPTIONS[kind],
+            "threshold": report.percentile_threshold(
+                values[~val_is_pneumonia], config.anomaly_percentile
+            ),
+            "validation_auc": float(roc_auc_score(val_is_pneumonia, values))
+            if val_is_pneumonia.any() and (~val_is_pneumonia).any()
+            else float("nan"),
+        }
+    if config.anomaly_score == "auto":
+        # NaN AUCs (a one-class validation set) compare False: the latent score is kept.
+        chosen = max(
+            ANOMALY_SCORES, key=lambda kind: (scores[kind]["validation_auc"], kind == "latent")
+        )
+    else:
+        chosen = config.anomaly_score
+    return reference, chosen, scores
+
+
+@dataclass
+class Splits:
+    """The listed and decoded splits a training run works on."""
+
+    train_images: list[LabelledImage]
+    val_images: list[LabelledImage]
+    test_images: list[LabelledImage]
+    train: data.DecodedSplit
+    val: data.DecodedSplit
+    test: data.DecodedSplit
+    normal_train: ray.data.Dataset  # the autoencoder's training images
+    counts: Counter  # training images per three-class label
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return self.train.failed + self.val.failed + self.test.failed
+
+    @property
+    def training_fingerprint(self) -> dict:
+        """What the networks learn from: the run key resumes only runs on the same data."""
+        return {
+            "train": data.fingerprint(self.train_images)["sha256"],
+            "val": data.fingerprint(self.val_images)["sha256"],
+        }
+
+
+@dataclass
+class References:
+    """What the training job fits on the networks' outputs: thresholds, KNN, normal set."""
+
+    binary_threshold: float
+    binary_rule: dict
+    knn: KnnReference
+    knn_val_accuracy: dict
+    normal_reference: NormalReference
+    anomaly_kind: str
+    anomaly_scores: dict
+    calibration: dict
+    validation_outputs: dict  # the networks' raw outputs and image statistics on validation
+
+    @property
+    def anomaly_threshold(self) -> float:
+        return self.anomaly_scores[self.anomaly_kind]["threshold"]
+
+
+def list_and_decode(config: TrainConfig) -> Splits:
+    """List and label the store, split by patient, decode every split with Ray Data."""
+    log(f"listing {config.data}")
+    images = data.list_store(config.data)
+    pool = limit_per_class(
+        [i for i in images if i.split in ("train", "val")], config.limit, config.seed
+    )
+    test_images = [i for i in images if i.split == "test"]
+    train_images, val_images = split_by_patient(pool, config.val_fraction, config.seed)
+    log(
+        f"{len(train_images)} training, {len(val_images)} validation images "
+        f"({len({i.patient_id for i in val_images})} patients held out), {len(test_images)} test"
+    )
+    log(f"decoding at {config.image_size}x{config.image_size} with Ray Data")
+    train = data.decode_split(train_images, config.image_size, config.seed)
+    val = data.decode_split(val_images, config.image_size, config.seed + 1)
+    test = data.decode_split(test_images, config.image_size, config.seed + 2)
+    for uri, why in train.failed + val.failed + test.failed:
+        log(f"skipped unreadable image {uri}: {why}")
+    if not train.count or not val.count:
+        raise ValueError(f"{config.data}: no usable training or validation images")
+    counts = Counter(
+        CLASS_LABELS[i]
+        for batch in train.dataset.select_columns(["label_index"]).iter_batches(
+            batch_format="numpy"
+        )
+        for i in batch["label_index"]
+    )
+    return Splits(
+        train_images,
+        val_images,
+        test_images,
+        train,
+        val,
+        test,
+        data.normal_only(train),
+        counts,
+    )
+
+
+def loss_weights(counts: Counter) -> dict[str, list[float]]:
+    """Inverse-frequency class weights of the binary and three-class losses."""
+    binary_counts = {"normal": counts["normal"], "pneumonia": counts["bacterial"] + counts["viral"]}
+    return {
+        "binary": class_weights(binary_counts, BINARY_LABELS),
+        "multiclass": class_weights(dict(counts), CLASS_LABELS),
+    }
+
+
+def fit_networks(
+    config: TrainConfig,
+    splits: Splits,
+    scaling: Scaling,
+    weights: dict,
+    tracker: NullTracker | None = None,
+) -> dict[str, TrainedNetwork]:
+    """Train the three networks, one TorchTrainer run each (the autoencoder on normals);
+    each network's epochs go to the tracker as soon as it has trained."""
+    fingerprint = splits.training_fingerprint
+    tracker = tracker or NullTracker()
+    trained = {}
+    for name in ("binary", "multiclass"):
+        trained[name] = fit_network(
+            name, config, scaling, splits.train.dataset, splits.val.dataset, weights[name],
+            fingerprint,
+        )  # fmt: skip
+        tracker.log_history(name, trained[name].history)
+    trained["autoencoder"] = fit_network(
+        "autoencoder", config, scaling, splits.normal_train, data.normal_only(splits.val), None,
+        fingerprint,
+    )  # fmt: skip
+    tracker.log_history("autoencoder", trained["autoencoder"].history)
+    return trained
+
+
+def fit_references(
+    config: TrainConfig, trained: dict[str, TrainedNetwork], splits: Splits, plan: ActorPlan
+) -> References:
+    """Run the trained networks over validation and the training images in model actors on
+    the cluster; choose the thresholds and fit the KNN and the normal reference."""
+    log(f"choosing thresholds and KNN features on validation ({plan.describe()})")
+
+    def networks(*names: str, inpaint: bool = False) -> Networks:
+        return Networks(
+            config.image_size,
+            {name: trained[name].state_dict for name in names},
+            {name: trained[name].spec for name in names},
+            config.tta,
+            inpaint,
+        )
+
+    # The inpainting score (four autoencoder passes) is needed on validation only, where the
+    # anomaly score is chosen; the normal reference needs the latent codes alone.
+    val_out = run_models(splits.val.dataset, networks(*NETWORKS, inpaint=True), plan)
+    train_out = run_models(splits.train.dataset, networks("multiclass"), plan)
+    normal_train_out = run_models(splits.normal_train, networks("autoencoder"), plan)
+    calibrated = _calibrate(config, val_out)
+    binary_threshold, binary_rule = _binary_threshold(config, val_out, calibrated["temperatures"])
+    knn, knn_val_accuracy = _choose_knn(config, train_out, val_out)
+    normal_reference, anomaly_kind, anomaly_scores = _choose_anomaly_score(
+        config, normal_train_out, val_out
+    )
+    references = References(
+        binary_threshold, binary_rule, knn, knn_val_accuracy, normal_reference, anomaly_kind,
+        anomaly_scores, calibrated, val_out,
+    )  # fmt: skip
+    log(
+        f"binary threshold {binary_threshold:.4f} (validation {binary_rule['validation']}); "
+        f"anomaly score {anomaly_kind} (validation AUC "
+        + ", ".join(f"{k} {v['validation_auc']:.3f}" for k, v in anomaly_scores.items())
+        + f"); KNN on {knn.feature_kind} with k={knn.k} (validation accuracy "
+        + f"{knn_val_accuracy[knn.feature_kind][str(knn.k)]:.3f}); temperatures "
+        + ", ".join(f"{k} {t:.3f}" for k, t in calibrated["temperatures"].items())
+        + " (validation ECE of p_pneumonia {uncalibrated:.3f} -> {calibrated:.3f})".format(
+            **{k: v["p_pneumonia"] for k, v in calibrated["validation_ece"].items()}
+        )
+    )
+    return references
+
+
+def build_card(
+    config: TrainConfig,
+    splits: Splits,
+    trained: dict[str, TrainedNetwork],
+    references: References,
+    weights: dict,
+    scaling: Scaling,
+) -> dict:
+    """The bundle's card before it is written (write_bundle adds files, versions, the
+    model version): what each model is, how its thresholds were chosen, how it trained."""
+    knn, anomaly_kind = references.knn, references.anomaly_kind
+    temperatures = references.calibration["temperatures"]
+    cnn_note = (
+        f"{config.architecture}"
+        + (f", initialized from {config.pretrained} weights" if config.pretrained else "")
+        + f"; input normalization {config.normalization} (inside the network)"
+        + ("; acquisition-shift augmentation" if config.acquisition_shift else "")
+    )
+    binary_output = (
+        "p_pneumonia = mean of the binary network's p_pneumonia and the three-class network's "
+        "1 - p_normal, both temperature-scaled (--binary-score combined); p_pneumonia_cnn = "
+        "the binary network's alone"
+        if config.binary_score == "combined"
+        else "p_pneumonia = p_pneumonia_cnn = sigmoid(logit / T) of the binary network"
+    )
+    return {
+        "image_size": config.image_size,
+        "preprocessing": {**PREPROCESSING, "normalization": config.normalization},
+        "inference": {
+            "tta": config.tta,
+            "tta_description": "mean logits of the image and its mirror image"
+            if config.tta == "flip"
+            else "none",
+        },
+        "calibration": references.calibration,
+        "models": {
+            "binary": {
+                "file": "binary.pt",
+                "architecture": f"binary_cnn ({cnn_note})",
+                "network": trained["binary"].spec,
+                "labels": list(BINARY_LABELS),
+                "output": binary_output,
+                "score": config.binary_score,
+                "temperature": temperatures["binary"],
+                "threshold": references.binary_threshold,
+                **references.binary_rule,
+                "best_epoch": trained["binary"].best_epoch,
+            },
+            "multiclass": {
+                "file": "multiclass.pt",
+                "architecture": f"multiclass_cnn ({cnn_note})",
+                "network": trained["multiclass"].spec,
+                "labels": list(CLASS_LABELS),
+                "output": "softmax(logits / T): p_normal, p_bacterial, p_viral",
+                "temperature": temperatures["multiclass"],
+                "best_epoch": trained["multiclass"].best_epoch,
+            },
+            "knn": {
+                "file": "knn_reference.parquet",
+                "labels": list(CLASS_LABELS),
+                "k": knn.k,
+                "feature_kind": knn.feature_kind,
+                "metric": "euclidean",
+                "validation_accuracy": references.knn_val_accuracy,
+                "feature_rule": (
+                    f"--knn-features {config.knn_features}"
+                    + (": better validation accuracy" if config.knn_features == "auto" else "")
+                ),
+                "k_rule": (
+                    f"--knn-k {config.knn_k}"
+                    if config.knn_k is not None
+                    else f"--knn-k auto: best validation accuracy of k in {list(KNN_K_CANDIDATES)}"
+                ),
+                "reference_images": len(knn.uris),
+            },
+            "autoencoder": {
+                "file": "autoencoder.pt",
+                "architecture": "conv_autoencoder",
+                "masking": config.autoencoder_masking,
+                "score": anomaly_kind,
+                "score_description": SCORE_DESCRIPTIONS[anomaly_kind],
+                "score_rule": (
+                    f"--anomaly-score {config.anomaly_score}"
+                    + (": highest validation ROC AUC" if config.anomaly_score == "auto" else "")
+                ),
+                "threshold": references.anomaly_threshold,
+                "threshold_rule": (
+                    f"{config.anomaly_percentile:g}th percentile of the scores of "
+                    "normal validation images"
+                ),
+                "scores": references.anomaly_scores,
+                "normal_reference": {
+                    "file": NORMAL_REFERENCE_FILE,
+                    "k": references.normal_reference.k,
+                    "images": len(references.normal_reference.uris),
+                },
+                "best_epoch": trained["autoencoder"].best_epoch,
+            },
+        },
+        "monitoring": {
+            **DRIFT_RULE,
+            "reference": f"{DRIFT_REFERENCE_FILE}: the bundle's outputs and image statistics on "
+            f"the {len(references.validation_outputs['image_uri'])} validation images",
+            "statistics": {stat.name: stat.title for stat in STATISTICS},
+        },
+        "training": {
+            "config": config.to_dict(),
+            "class_counts": dict(splits.counts),
+            "class_weights": weights,
+            "imbalance": "inverse-frequency class weights in the binary and three-class losses",
+            "scaling": vars(scaling),
+            "precision": config.precision,
+            "worker_nodes": {name: network.worker_nodes for name, network in trained.items()},
+            "history": {name: network.history for name, network in trained.items()},
+            "skipped_images": [{"image_uri": u, "error": e} for u, e in splits.skipped],
+        },
+        "data_fingerprint": {
+            "store": config.data,
+            "train": data.fingerprint(splits.train_images),
+            "val": data.fingerprint(splits.val_images),
+            "test": data.fingerprint(splits.test_images),
+        },
+    }
+
+
+def drift_reference(bundle: Bundle, val_out: dict, splits: Splits):
+    """What scoring runs are compared with: the finished bundle's outputs (as scoring writes
+    them) and the image statistics of the validation images."""
+    sizes = {image.uri: image.size for image in splits.val_images}
+    return reference_table(
+        val_out["image_uri"],
+        bundle.finish(val_out),
+        {name: val_out[name] for name in IMAGE_STATS},
+        [sizes.get(str(uri), -1) for uri in val_out["image_uri"]],
+    )
+
+
+def evaluate_and_write(
+    config: TrainConfig,
+    bundle: Bundle,
+    splits: Splits,
+    trained: dict[str, TrainedNetwork],
+    plan: ActorPlan,
+) -> dict:
+    """Evaluate the bundle on the test split (model actors on the cluster), then write it
+    with its report; returns the card as written."""
+    log("evaluating on the test split")
+    evaluation = evaluate_bundle(bundle, splits.test.dataset, plan=plan)
+    card = bundle.card
+    card["metrics"] = {"test": evaluation.metrics, "bootstrap": evaluation.bootstrap}
+    with tempfile.TemporaryDirectory() as report_dir:
+        write_report(
+            evaluation,
+            bundle,
+            splits.test.dataset,
+            report_dir,
+            histories={name: network.history for name, network in trained.items()},
+            extra={
+                "skipped_images": card["training"]["skipped_images"],
+                "thresholds": {
+                    "binary": bundle.binary_threshold,
+                    "anomaly": bundle.anomaly_threshold,
+                },
+                "anomaly_score": bundle.anomaly_score_kind,
+            },
+        )
+        card = write_bundle(bundle, config.output, report_dir)
+    print("\n" + results_table(evaluation.metrics), flush=True)
+    return card
+
+
+def run_training(config: TrainConfig, tracker: NullTracker | None = None) -> dict:
+    """Train the four models on ``config.data`` and write the bundle to ``config.output``;
+    ``tracker`` (MLflow, with --mlflow-tracking-uri) records the run.
+
+    Returns the card as written.
+    """
+    tracker = tracker or NullTracker()
+    tracker.start(config.to_dict())
+    try:
+        card = _train(config, tracker)
+    except BaseException:
+        tracker.fail()
+        raise
+    tracker.finish(card, config.output)
+    return card
+
+
+def _train(config: TrainConfig, tracker: NullTracker) -> dict:
+    started = time.perf_counter()
+    nodes = check_shared_storage(
+        read=[("--data", config.data)],
+        write=[("--output", config.output), ("--storage-path", config.storage_path)],
+    )
+    if nodes > 1:
+        log(f"shared storage: every local location is visible from all {nodes} nodes")
+    splits = list_and_decode(config)
+    weights = loss_weights(splits.counts)
+    log(f"training class counts {dict(splits.counts)}; class weights {weights}")
+    scaling = decide_scaling(config)
+    log(f"Ray Train: {scaling.describe()}; precision {config.precision}")
+    trained = fit_networks(config, splits, scaling, weights, tracker)
+    plan = plan_actors(config.num_workers, scaling.use_gpu)
+    references = fit_references(config, trained, splits, plan)
+    models = {name: network.model(config.image_size) for name, network in trained.items()}
+    card = build_card(config, splits, trained, references, weights, scaling)
+    bundle = Bundle(
+        card, knn=references.knn, normal_reference=references.normal_reference, **models
+    )
+    bundle.drift_reference = drift_reference(bundle, references.validation_outputs, splits)
+    card = evaluate_and_write(config, bundle, splits, trained, plan)
+    log(f"bundle {card['model_version']} written to {config.output}")
+    log(f"report: {config.output.rstrip('/')}/report/ (metrics.json and PNG plots)")
+    log(f"done in {time.perf_counter() - started:.0f}s")
+    return card

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pneumo_ray.io.images import (
+    ImageDecodeError,
+    augment_batch,
+    decode_image,
+    to_model_input,
+    train_augmentation,
+)
+
+from ..conftest import CHEST_XRAY, FULLRES
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _gradient(size=(80, 60)) -> np.ndarray:
+    """Left-to-right ramp 0..255, so orientation and scale are checkable after decoding."""
+    w, h = size
+    return np.tile(np.linspace(0, 255, w), (h, 1)).astype(np.uint8)
+
+
+def _variants() -> dict[str, bytes]:
+    gray = _gradient()
+    rgb = np.stack([gray] * 3, axis=-1)
+    rgba = np.dstack([rgb, np.full(gray.shape, 255, np.uint8)])
+    palette = Image.fromarray(gray).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    sixteen = Image.fromarray(gray.astype(np.uint16) * 257)
+    return {
+        "jpeg_gray": _encode(Image.fromarray(gray), "JPEG"),
+        "jpeg_rgb": _encode(Image.fromarray(rgb), "JPEG"),
+        "png_gray": _encode(Image.fromarray(gray), "PNG"),
+        "png_rgb": _encode(Image.fromarray(rgb), "PNG"),
+        "png_rgba": _encode(Image.fromarray(rgba), "PNG"),
+        "png_palette": _encode(palette, "PNG"),
+        "png_16bit": _encode(sixteen, "PNG"),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_variants()))
+def test_every_image_kind_decodes_to_the_same_8bit_grayscale(kind):
+    out = decode_image(_variants()[kind], 32)
+    assert out.shape == (32, 32) and out.dtype == np.uint8
+    reference = decode_image(_variants()["png_gray"], 32)
+    # Same picture whatever the container: JPEG and palette quantisation allow a few levels.
+    assert np.abs(out.astype(int) - reference.astype(int)).mean() < 4
+    assert out[:, 0].mean() < 20 and out[:, -1].mean() > 235  # dark left, bright right
+
+
+def test_16bit_is_scaled_by_its_full_range():
+    values = np.full((40, 40), 32896, np.uint16)  # 128 * 257
+    out = decode_image(_encode(Image.fromarray(values), "PNG"), 32)
+    assert np.all(out == 128)
+
+
+def test_transparent_pixels_composite_on_black():
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[:, 20:, 3] = 255  # left half transparent white, right half opaque white
+    out = decode_image(_encode(Image.fromarray(rgba), "PNG"), 40)
+    assert out[:, :18].max() == 0 and out[:, 22:].min() == 255
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"", "empty"),
+        (b"this is not an image at all", "not a readable image"),
+        (_encode(Image.fromarray(_gradient()), "JPEG")[:200], "not a readable image"),
+    ],
+)
+def test_bad_bytes_raise_a_decode_error_that_says_why(data, why):
+    with pytest.raises(ImageDecodeError, match=why):
+        decode_image(data, 32)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    # A PNG header claiming 20000 x 20000 pixels; the pixels themselves are never read.
+    bomb = _encode(Image.new("1", (20000, 20000)), "PNG")
+    with pytest.raises(ImageDecodeError, match="pixel limit|decompression bomb"):
+        decode_image(bomb, 32)
+
+
+def test_real_images_decode_and_scale_to_unit_range():
+    path = next((CHEST_XRAY / "train" / "NORMAL").glob("*.jpeg"))
+    fullres = next((FULLRES / "PNEUMONIA").glob("*.jpeg"))
+    for source in (path, fullres):
+        image = decode_image(source.read_bytes(), 64)
+        x = to_model_input(image[None])
+        assert x.shape == (1, 1, 64, 64) and x.dtype == torch.float32
+        assert 0.0 <= float(x.min()) < float(x.max()) <= 1.0
+
+
+def test_augmentation_changes_images_independently_and_keeps_shape():
+    torch.manual_seed(0)
+    x = to_model_input(np.stack([_gradient((64, 64))] * 4))
+    out = augment_batch(x, train_augmentation())
+    assert out.shape == x.shape
+    assert not torch.equal(out[0], out[1])  # each image draws its own transform
+
+
+@pytest.mark.parametrize(
+    ("bits", "photometric", "slope", "intercept"),
+    [
+        (8, "MONOCHROME2", 1.0, 0.0),
+        (8, "MONOCHROME1", 1.0, 0.0),
+        (16, "MONOCHROME2", 2.0, -1024.0),
+        (16, "MONOCHROME1", 1.0, 0.0),
+    ],
+)
+def test_dicom_decodes_like_the_picture_it_holds(tmp_path, bits, photometric, slope, intercept):
+    from ..dicom import write_dicom
+
+    source = next((CHEST_XRAY / "test" / "PNEUMONIA").glob("*.jpeg"))
+    gray = np.asarray(Image.open(source).convert("L"))
+    path = tmp_path / "x.dcm"
+    write_dicom(path, gray, bits=bits, photometric=photometric, slope=slope, intercept=intercept)
+    out = decode_image(path.read_bytes(), 64)
+    # The reference is the same picture stretched to its full range, as the DICOM path does.
+    stretched = (gray - gray.min()) / max(1, int(gray.max()) - int(gray.min())) * 255
+    reference = decode_image(_encode(Image.fromarray(stretched.astype(np.uint8)), "PNG"), 64)
+    assert np.abs(out.astype(int) - reference.astype(int)).mean() < 3  # MONOCHROME1 inverted
+
+
+def test_dicom_window_is_applied(tmp_path):
+    from ..dicom import write_dicom
+
+    ramp = _gradient((64, 64))
+    path = tmp_path / "w.dcm"
+    write_dicom(path, ramp, bits=8, window=(128.0, 64.0))  # values < 96 black, > 160 white
+    out = decode_image(path.read_bytes(), 64)
+    assert out[:, :20].max() == 0 and out[:, -20:].min() == 255
+
+
+def test_corrupt_dicom_is_a_decode_error():
+    data = b"\0" * 128 + b"DICM" + b"\x02\x00garbage" * 10
+    with pytest.raises(ImageDecodeError, match="DICOM"):
+        decode_image(data, 32)

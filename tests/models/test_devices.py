@@ -1,0 +1,95 @@
+"""Outputs that load on any device, precision and per-rank seeds, and the GPU decode path
+(its CPU fallback here)."""
+
+from __future__ import annotations
+
+import io
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.serialization
+
+from pneumo_ray.io.images import decode_image
+from pneumo_ray.models.bundle import WEIGHT_FILES, load_bundle, write_bundle
+from pneumo_ray.models.predict import ImageDecoder, _gpu_decodable
+from pneumo_ray.training.loop import autocast_dtype, load_state, rank_seed, to_cpu
+
+from ..conftest import CHEST_XRAY
+from .test_bundle import tiny_bundle
+
+
+def saved_as_if_on_cuda(payload) -> bytes:
+    """What torch.save writes for ``payload`` on a GPU worker: every storage tagged cuda:0.
+    Loading such a file without map_location on a CPU-only machine raises."""
+    buffer = io.BytesIO()
+    with mock.patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
+        torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_on_a_cpu_only_machine(tmp_path):
+    state = {"model": {"w": torch.arange(4.0)}, "history": [{"epoch": 1}], "epoch": 1}
+    path = tmp_path / "state.pt"
+    path.write_bytes(saved_as_if_on_cuda(state))
+    if not torch.cuda.is_available():  # the failure the loader must avoid
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    loaded = load_state(str(path))
+    assert loaded["model"]["w"].device.type == "cpu"
+    assert torch.equal(loaded["model"]["w"], torch.arange(4.0)) and loaded["epoch"] == 1
+
+
+def test_a_bundle_whose_weights_were_saved_on_a_gpu_loads_on_cpu(tmp_path):
+    bundle = tiny_bundle()
+    with mock.patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
+        write_bundle(bundle, str(tmp_path / "b"))
+    data = (tmp_path / "b" / WEIGHT_FILES["binary"]).read_bytes()
+    assert b"cuda:0" in data  # the file really claims GPU storages
+    loaded = load_bundle(str(tmp_path / "b"))
+    assert all(p.device.type == "cpu" for p in loaded.binary.parameters())
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    np.testing.assert_allclose(
+        loaded.predict(images)["p_pneumonia"], bundle.predict(images)["p_pneumonia"], rtol=1e-5
+    )
+
+
+def test_checkpoint_state_holds_cpu_copies():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = to_cpu({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    tensors = [state["model"]["weight"], *state["optimizer"]["state"][0].values()]
+    assert all(t.device.type == "cpu" for t in tensors)
+    state["model"]["weight"].zero_()  # a copy: the live weights are untouched
+    assert model.weight.abs().sum() > 0
+    assert state["optimizer"]["param_groups"][0]["lr"] == optimizer.param_groups[0]["lr"]
+
+
+def test_precision_defaults_to_fp32_on_cpu_and_honours_the_flag():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("fp16", cpu) == torch.float16
+
+
+def test_every_rank_draws_its_own_augmentation_and_a_resumed_epoch_the_same():
+    seeds = {rank_seed(0, rank, epoch) for rank in range(4) for epoch in range(5)}
+    assert len(seeds) == 20
+    assert rank_seed(3, 1, 2) == rank_seed(3, 1, 2)
+
+
+def test_gpu_decode_falls_back_to_the_training_decoder_without_cuda(capsys):
+    files = sorted((CHEST_XRAY / "test" / "NORMAL").glob("*.jpeg"))[:4]
+    blobs = [f.read_bytes() for f in files] + [b"not an image"]
+    decoder = ImageDecoder(64, torch.device("cpu"), gpu=True)
+    assert "falling back to the CPU decoder" in capsys.readouterr().out
+    errors = [""] * len(blobs)
+    images = decoder(blobs, errors)
+    for i, blob in enumerate(blobs[:4]):
+        np.testing.assert_array_equal(images[i].numpy(), decode_image(blob, 64))
+    assert errors[:4] == [""] * 4 and "not a readable image" in errors[4]
+    assert _gpu_decodable(blobs[0]) and not _gpu_decodable(blobs[4])

@@ -1,0 +1,169 @@
+"""What a nightly scoring run leaves for its operator: report, drift verdicts, heatmaps, console.
+
+Two stores are scored with the session's trained bundle: the bundle's own validation images
+(its drift reference, so nothing may drift) and the same images blurred and darkened, as
+another site's scanner might deliver them (drift must be found, and --fail-on-drift exits 3).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageEnhance, ImageFilter
+
+from pneumo_ray.models.bundle import DRIFT_REFERENCE_FILE as REFERENCE_FILE
+from pneumo_ray.monitoring.drift import STATISTICS
+from pneumo_ray.scoring.score import DRIFT_EXIT_CODE, read_scores
+
+from ..conftest import run_job
+
+RAY_INFO = re.compile(r"\bINFO\b|streaming_executor|Running Dataset|Execution plan")
+
+
+@pytest.fixture(scope="module")
+def stores(trained, tmp_path_factory):
+    """(unchanged store, drifted store) of the bundle's validation images."""
+    bundle, _ = trained
+    root = tmp_path_factory.mktemp("sites")
+    same, drifted = root / "same", root / "drifted"
+    same.mkdir()
+    drifted.mkdir()
+    uris = pq.read_table(bundle / REFERENCE_FILE).column("image_uri").to_pylist()
+    for uri in uris:
+        name = Path(uri).name
+        shutil.copy(uri, same / name)
+        image = Image.open(uri).convert("L").filter(ImageFilter.GaussianBlur(3))
+        ImageEnhance.Brightness(image).enhance(0.6).save(drifted / name, quality=90)
+    return same, drifted, len(uris)
+
+
+def _score(bundle, store, output, env, *extra):
+    args = ["--model", str(bundle), "--input", str(store), "--output", str(output), *extra]
+    result = run_job("score.py", *args, env=env)
+    return result, result.stdout + result.stderr
+
+
+def _report_dir(output: Path) -> Path:
+    (run,) = list((output / "_reports").iterdir())
+    return run
+
+
+@pytest.fixture(scope="module")
+def unchanged_run(trained, stores, tmp_path_factory, job_env):
+    bundle, _ = trained
+    output = tmp_path_factory.mktemp("scores") / "same"
+    result, log = _score(bundle, stores[0], output, job_env, "--fail-on-drift")
+    assert result.returncode == 0, log[-5000:]
+    return output, log
+
+
+@pytest.fixture(scope="module")
+def drifted_run(trained, stores, tmp_path_factory, job_env):
+    bundle, _ = trained
+    output = tmp_path_factory.mktemp("scores") / "drifted"
+    result, log = _score(
+        bundle, stores[1], output, job_env, "--fail-on-drift", "--heatmaps", "none", "--verbose"
+    )
+    return output, log, result.returncode
+
+
+def test_an_unchanged_store_reports_no_drift(unchanged_run, stores):
+    output, log = unchanged_run
+    summary = json.loads((_report_dir(output) / "summary.json").read_text())
+    assert summary["scored"] == stores[2] and summary["listed"] == stores[2]
+    assert summary["reference"]["images"] == stores[2]
+    assert set(summary["drift"]) == {stat.name for stat in STATISTICS}
+    assert summary["drifted"] == []
+    for result in summary["drift"].values():  # the very images of the reference
+        assert result["psi"] == pytest.approx(0.0, abs=1e-6) and not result["drift"]
+    for rate in summary["flagged"].values():
+        assert rate["run"] == pytest.approx(rate["reference"])
+    assert "drift: none found" in log
+
+
+def test_a_blurred_darkened_store_drifts_and_fails_the_job(drifted_run, stores):
+    output, log, code = drifted_run
+    assert code == DRIFT_EXIT_CODE, log[-5000:]
+    summary = json.loads((_report_dir(output) / "summary.json").read_text())
+    assert {"image_mean", "image_sharpness"} <= set(summary["drifted"])
+    mean = summary["drift"]["image_mean"]
+    assert mean["run_mean"] < mean["reference_mean"] and mean["psi"] >= 0.25
+    assert f"exit {DRIFT_EXIT_CODE}" in log and "DRIFT against the training reference" in log
+    # The rows are committed all the same: drift is news, not a failure to score.
+    assert read_scores(str(output)).num_rows == stores[2]
+
+
+def test_heatmaps_for_flagged_images_and_none_when_asked(unchanged_run, drifted_run):
+    output, _ = unchanged_run
+    rows = read_scores(str(output)).to_pandas()
+    flagged = (rows["pred_binary"] == "pneumonia") | rows["is_anomaly"]
+    assert flagged.any() and rows["heatmap_uri"].notna().tolist() == flagged.tolist()
+    for uri in rows["heatmap_uri"].dropna():
+        assert Path(uri).parent == _report_dir(output) / "heatmaps"
+        picture = Image.open(uri)
+        assert picture.format == "PNG" and picture.width > 2 * picture.height
+    assert len(list((_report_dir(output) / "heatmaps").iterdir())) == int(flagged.sum())
+    drifted_output, _, _ = drifted_run
+    assert read_scores(str(drifted_output)).column("heatmap_uri").null_count == len(rows)
+    assert not (_report_dir(drifted_output) / "heatmaps").exists()
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[dict] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs)
+        if tag in ("a", "link", "script"):
+            self.links.append(attrs.get("href") or attrs.get("src") or "")
+
+
+def test_the_html_report_is_self_contained_and_embeds_every_plot(unchanged_run):
+    output, _ = unchanged_run
+    page = (_report_dir(output) / "report.html").read_text()
+    parser = _Images()
+    parser.feed(page)
+    parser.close()
+    assert parser.links == []  # no script, stylesheet or link to fetch
+    plots = [img for img in parser.images if img.get("class") == "plot"]
+    assert sorted(img["alt"] for img in plots) == sorted(stat.name for stat in STATISTICS)
+    for img in parser.images:  # every picture is inside the page and decodes
+        kind, _, data = img["src"].partition(";base64,")
+        assert kind in ("data:image/png", "data:image/jpeg"), img["src"][:40]
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    summary = json.loads((_report_dir(output) / "summary.json").read_text())
+    heatmaps = [img for img in parser.images if img.get("alt") == "Grad-CAM"]
+    flagged = round(summary["flagged"]["either"]["run"] * summary["scored"])
+    assert len(heatmaps) == min(12, flagged) > 0
+    assert "No drift" in page and "Top flagged images" in page and "KNN neighbours" in page
+
+
+def test_the_console_is_quiet_by_default_and_verbose_on_request(unchanged_run, drifted_run):
+    _, quiet = unchanged_run
+    assert not [line for line in quiet.splitlines() if RAY_INFO.search(line)]
+    assert re.search(r"scoring \[#+\] \d+/\d+ images \(100%\)", quiet)
+    assert "log file:" in quiet and "images listed:" in quiet
+    log_file = re.search(r"log file: (\S+)", quiet).group(1)
+    assert RAY_INFO.search(Path(log_file).read_text())  # Ray's logs went to the file
+    _, verbose, _ = drifted_run
+    assert [line for line in verbose.splitlines() if RAY_INFO.search(line)]
+
+
+def test_the_training_console_shows_epochs_and_no_ray_info(trained):
+    _, log = trained
+    assert not [line for line in log.splitlines() if RAY_INFO.search(line)]
+    for network in ("binary", "multiclass", "autoencoder"):
+        assert re.search(rf"^\[{network}\] epoch 1/\d+ train_loss=\S+ val_loss=", log, re.M)
+    assert re.search(r"^\[binary\] epoch \d+/\d+ .*val_accuracy=", log, re.M)

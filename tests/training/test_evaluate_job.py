@@ -1,0 +1,113 @@
+"""jobs/evaluate.py on the bundle the training tests made."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from ..conftest import run_job
+from .test_train_job import MODELS
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, subset_store, job_env, tmp_path_factory):
+    bundle, _ = trained
+    output = tmp_path_factory.mktemp("evaluation") / "test"
+    result = run_job(
+        "evaluate.py",
+        "--model",
+        str(bundle),
+        "--data",
+        str(subset_store),
+        "--output",
+        str(output),
+        "--bootstrap",
+        "200",
+        env=job_env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return bundle, output, result.stdout
+
+
+def test_evaluation_reproduces_the_training_report(evaluated):
+    bundle, output, _ = evaluated
+    card = json.loads((bundle / "card.json").read_text())
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["model_version"] == card["model_version"]
+    for model in MODELS:
+        # Same images, same code: the same point figures as the card's test metrics.
+        assert metrics["test"][model]["headline"] == pytest.approx(
+            card["metrics"]["test"][model]["headline"], nan_ok=True
+        )
+        assert (
+            metrics["test"][model]["confusion_matrix"]
+            == (card["metrics"]["test"][model]["confusion_matrix"])
+        )
+    assert metrics["bootstrap"]["replicates"] == 200
+    assert metrics["bootstrap"]["patients"] < 120  # several test images per patient
+
+
+def test_evaluation_writes_intervals_plots_and_predictions(evaluated):
+    _, output, stdout = evaluated
+    metrics = json.loads((output / "metrics.json").read_text())["test"]
+    for model in MODELS:
+        for figure, value in metrics[model]["headline"].items():
+            low, high = metrics[model]["ci95"][figure]
+            assert high - low > 0, (model, figure)
+            if figure != "ece":  # biased upward in every resample: its interval may lie above it
+                assert low <= value <= high, (model, figure)
+    for name in ("roc.png", "autoencoder_reconstructions.png", "confusion_binary.png"):
+        assert (output / name).stat().st_size > 0
+    predictions = pd.read_parquet(output / "predictions.parquet")
+    assert len(predictions) == 120
+    assert predictions["label"].isin(["normal", "bacterial", "viral"]).all()
+    assert {"p_pneumonia", "anomaly_score", "reconstruction_mse"} <= set(predictions.columns)
+    assert "95% CI" in stdout
+    auc = metrics["binary"]["headline"]["roc_auc"]
+    assert f"{auc:6.3f}" in next(
+        line for line in stdout.splitlines() if line.startswith("binary") and "roc_auc" in line
+    )
+
+
+def test_evaluation_of_a_missing_split_or_bundle_fails_clearly(trained, subset_store, job_env):
+    bundle, _ = trained
+    result = run_job(
+        "evaluate.py", "--model", str(bundle), "--data", str(subset_store), "--split", "val",
+        env=job_env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1 and "no images in the 'val' split" in result.stderr
+    result = run_job(
+        "evaluate.py", "--model", str(subset_store), "--data", str(subset_store),
+        env=job_env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1 and "not a model bundle" in result.stderr
+
+
+def test_quality_script_trains_evaluates_and_checks_targets(subset_store, job_env, tmp_path):
+    output = tmp_path / "quality"
+    result = run_job(
+        "quality.py", "--data", str(subset_store), "--output", str(output), "--profile", "smoke",
+        "--anomaly-score", "mse", env=job_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stdout = result.stdout
+    assert "profile smoke: jobs/train.py --data" in stdout
+    assert re.search(r"^profile smoke: \d+ min \d+ s in all$", stdout, re.M), stdout[-2000:]
+    card = json.loads((output / "card.json").read_text())
+    assert card["image_size"] == 32 and card["training"]["config"]["limit"] == 20
+    assert card["models"]["autoencoder"]["score"] == "mse"  # extra flags reach train.py
+    metrics = json.loads((output / "report" / "metrics.json").read_text())["test"]
+    table = stdout[stdout.index("against the targets") :]
+    for model, figure, target in (
+        ("binary", "roc_auc", 0.95),
+        ("multiclass", "accuracy", 0.80),
+        ("autoencoder", "roc_auc", 0.80),
+    ):
+        line = next(
+            line for line in table.splitlines() if line.startswith(model) and figure in line
+        )
+        met = metrics[model]["headline"][figure] >= target
+        assert line.endswith(f">= {target:.3f} met" if met else "NOT MET"), line

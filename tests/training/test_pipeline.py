@@ -1,0 +1,44 @@
+"""Choices the training pipeline makes on validation outputs, on synthetic outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pneumo_ray.config import TrainConfig
+from pneumo_ray.models.knn import KNN_K_CANDIDATES
+from pneumo_ray.training.pipeline import _choose_knn
+
+
+def outputs(n: int, flip: float, seed: int) -> dict:
+    """Three-class outputs near each class's corner; a ``flip`` share of labels is wrong."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 3, n)
+    probs = np.eye(3)[truth] * 0.5 + rng.normal(0, 0.3, (n, 3))
+    labels = np.where(rng.random(n) < flip, rng.integers(0, 3, n), truth)
+    return {
+        "image_uri": np.array([f"file:///r/{i}.jpeg" for i in range(n)]),
+        "label_index": labels,
+        "probs": probs.astype(np.float32),
+        "embedding": rng.normal(0, 1, (n, 8)).astype(np.float32),  # no signal
+    }
+
+
+def test_knn_k_auto_keeps_the_best_validation_k():
+    # Noisy reference labels: more neighbours outvote the wrong ones.
+    train, val = outputs(900, flip=0.4, seed=0), outputs(300, flip=0.0, seed=1)
+    knn, accuracy = _choose_knn(TrainConfig(data="/s", output="/o"), train, val)
+    assert knn.feature_kind == "softmax"
+    assert set(accuracy) == {"softmax", "embedding"}
+    assert set(accuracy["softmax"]) == {str(k) for k in KNN_K_CANDIDATES}
+    assert accuracy["softmax"][str(knn.k)] == max(accuracy["softmax"].values())
+    assert accuracy["softmax"]["51"] > accuracy["softmax"]["5"] + 0.05
+    assert knn.k > 5
+
+
+def test_knn_k_given_or_limited_by_the_reference_size():
+    train, val = outputs(900, flip=0.4, seed=0), outputs(300, flip=0.0, seed=1)
+    knn, accuracy = _choose_knn(TrainConfig(data="/s", output="/o", knn_k=5), train, val)
+    assert knn.k == 5 and set(accuracy["softmax"]) == {"5"}
+    small = {key: value[:20] for key, value in train.items()}
+    knn, accuracy = _choose_knn(TrainConfig(data="/s", output="/o"), small, val)
+    assert set(accuracy["softmax"]) == {"5", "15"} and knn.k in (5, 15)
