@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import contextlib
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.memory import MemorySampler  # noqa: E402
 from pneumo_ray.io.data import load_image  # noqa: E402
 from pneumo_ray.io.images import ImageDecodeError  # noqa: E402
 from pneumo_ray.io.labels import CLASS_LABELS  # noqa: E402
@@ -118,29 +117,6 @@ def plain_loop(bundle_uri: str, folder: Path, batch_size: int, threads: int) -> 
     return len(paths) / (time.perf_counter() - started)
 
 
-class PssSampler(threading.Thread):
-    """Peak of the summed PSS of this process and all its descendants (the embedded Ray)."""
-
-    def __init__(self, interval: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.interval, self.peak, self._halt = interval, 0, threading.Event()
-
-    def run(self) -> None:
-        me = psutil.Process()
-        while not self._halt.is_set():
-            total = 0
-            for process in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    total += process.memory_full_info().pss
-            self.peak = max(self.peak, total)
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        return self.peak
-
-
 def main(args: argparse.Namespace) -> None:
     init_ray()
     with tempfile.TemporaryDirectory(
@@ -180,7 +156,7 @@ def main(args: argparse.Namespace) -> None:
 
         if args.memory_images:
             big = replicate(Path(args.source), args.memory_images, root / "many")
-            sampler = PssSampler()
+            sampler = MemorySampler(interval=0.5)
             sampler.start()
             summary = run_scoring(
                 ScoreConfig(
@@ -191,7 +167,7 @@ def main(args: argparse.Namespace) -> None:
                     heatmaps="none",  # the scoring path as before; heatmaps: benchmark_inference
                 )
             )
-            peak = sampler.stop()
+            peak = sampler.stop().total_pss
             print(
                 f"memory run: {summary.scored + summary.failed} images at "
                 f"{summary.images_per_s:.1f} images/s; peak PSS of all Ray processes "

@@ -20,24 +20,22 @@ files; the history's URIs are never read (they are already scored), so they need
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from benchmarks.memory import MemorySampler  # noqa: E402
 from pneumo_ray.models.bundle import read_card  # noqa: E402
 from pneumo_ray.scoring.ledger import OUTPUT_SCHEMA, commit_part, read_scores  # noqa: E402
 
@@ -140,33 +138,6 @@ def write_history(output: str, entries: list[tuple[str, int, int]], model_versio
         )
 
 
-class TreeSampler(threading.Thread):
-    """Peaks of a job's own RSS and of the summed PSS of its descendants (its Ray)."""
-
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.driver_rss = self.ray_pss = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            job = psutil.Process(self.pid)
-            while not self._halt.is_set():
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    self.driver_rss = max(self.driver_rss, job.memory_info().rss)
-                total = 0
-                for child in job.children(recursive=True):
-                    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                        total += child.memory_full_info().pss
-                self.ray_pss = max(self.ray_pss, total)
-                time.sleep(self.interval)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
-
-
 def figure(pattern: str, log: str) -> float:
     match = re.search(pattern, log)
     if not match:
@@ -198,7 +169,7 @@ def run_size(args: argparse.Namespace, model: str, count: int, work: Path) -> di
     started = time.perf_counter()
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, start_new_session=True)  # fmt: skip
-    sampler = TreeSampler(job.pid)
+    sampler = MemorySampler(job.pid)
     sampler.start()
     lines, first_scored = [], None
     for line in job.stdout:  # timestamped as it comes: from launch, Ray's start included
@@ -220,8 +191,8 @@ def run_size(args: argparse.Namespace, model: str, count: int, work: Path) -> di
         "first_scored_s": first_scored,
         "first_scored_in_job_s": figure(r"first image scored after ([\d.]+)s", log),
         "driver_peak_mib": figure(r"driver peak memory: (\d+) MiB", log),
-        "driver_rss_sampled_mib": sampler.driver_rss / 2**20,
-        "ray_pss_peak_mib": sampler.ray_pss / 2**20,
+        "driver_rss_sampled_mib": sampler.rss / 2**20,
+        "ray_pss_peak_mib": sampler.descendants_pss / 2**20,
         "total_s": total,
         "new_rows": new_rows,
         "ok": new_rows == args.new and unique == count and scored.num_rows == count,

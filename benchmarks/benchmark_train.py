@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> None:
         flush=True,
     )
 
-    scaling = decide_scaling(TrainConfig(data=args.data, output="unused"))
+    scaling = decide_scaling(TrainConfig.from_flat(data=args.data, output="unused"))
     cores = os.cpu_count() or 1
     plain = plain_loop(array, labels, args, threads=scaling.cpus_per_worker)
     print(

@@ -92,7 +92,7 @@ class GpuMemorySampler(threading.Thread):
 
 def train_binary(args, precision: str, splits) -> dict:
     """One epoch of the binary network on one GPU worker; its figures and weights."""
-    config = TrainConfig(
+    config = TrainConfig.from_flat(
         data=args.data,
         output=str(Path(args.output) / f"train-{precision}"),
         image_size=args.image_size,

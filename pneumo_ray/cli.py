@@ -19,8 +19,10 @@ from pneumo_ray.config import (
     ARCHITECTURES,
     BINARY_SCORES,
     BINARY_THRESHOLD_RULES,
+    GROUPS,
     HEATMAP_MODES,
     LR_SCHEDULES,
+    NETWORK_NAMES,
     NORMALIZATIONS,
     PRECISIONS,
     TTA_MODES,
@@ -29,7 +31,6 @@ from pneumo_ray.config import (
     TrainConfig,
 )
 
-NETWORK_NAMES = ("binary", "multiclass", "autoencoder")
 KNN_K_CANDIDATES = (5, 15, 25, 51)  # pneumo_ray.models.knn's; repeated so --help needs no torch
 BOOTSTRAP_REPLICATES = 1000  # pneumo_ray.training.evaluation's, for the same reason
 
@@ -87,160 +88,186 @@ def _add_cluster_flags(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def train_parser(prog: str | None = None) -> Parser:
+    """``pneumo-train``'s flags, in the groups of its settings (pneumo_ray.config): ``--help``
+    shows them under these titles."""
     parser = Parser(
         prog=prog,
         description="Train the four chest X-ray models on a labelled image store (Kaggle "
         "layout) and write a model bundle. STORE and BUNDLE are local paths or s3:// URIs.",
     )
-    parser.add_argument("--data", required=True, help="labelled store (Kaggle layout)")
-    parser.add_argument("--output", required=True, help="where the bundle goes")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
+    _data_flags(parser.add_argument_group("data and schedule"))
+    _network_flags(parser.add_argument_group("each network (override --epochs)"))
+    _validation_flags(parser.add_argument_group("chosen on validation"))
+    _robustness_flags(parser.add_argument_group("robustness on images from another site"))
+    _train_cluster_flags(parser.add_argument_group("cluster"))
+    _tracking_flags(parser.add_argument_group("tracking (MLflow)"))
+    return parser
+
+
+def _data_flags(group) -> None:
+    group.add_argument("--data", required=True, help="labelled store (Kaggle layout)")
+    group.add_argument("--output", required=True, help="where the bundle goes")
+    group.add_argument("--image-size", type=int, default=224)
+    group.add_argument("--batch-size", type=int, default=32)
+    group.add_argument(
         "--epochs",
         type=int,
         default=None,
         help="epochs for every network (default: the design's 10/10/30); the per-network "
-        "flags below override it",
+        "flags override it",
     )
+    group.add_argument(
+        "--limit", type=int, default=None, help="at most N training images per class (smoke runs)"
+    )
+    group.add_argument("--val-fraction", type=float, default=0.15)
+    group.add_argument("--seed", type=int, default=0)
+
+
+def _network_flags(group) -> None:
     for name in NETWORK_NAMES:
-        parser.add_argument(f"--{name}-epochs", type=int, default=None)
-    parser.add_argument("--lr-binary", type=float, default=None, help="default 3e-5")
-    parser.add_argument("--lr-multiclass", type=float, default=None, help="default 1e-3")
-    parser.add_argument("--lr-autoencoder", type=float, default=None, help="default 1e-3")
-    parser.add_argument(
+        group.add_argument(f"--{name}-epochs", type=int, default=None)
+    group.add_argument("--lr-binary", type=float, default=None, help="default 3e-5")
+    group.add_argument("--lr-multiclass", type=float, default=None, help="default 1e-3")
+    group.add_argument("--lr-autoencoder", type=float, default=None, help="default 1e-3")
+    group.add_argument(
         "--multiclass-patience",
         type=int,
         default=None,
         help="three-class early stopping: epochs without val-loss gain (default 3; 0 = off)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--lr-schedule",
         default=None,
         choices=LR_SCHEDULES,
         help="per-epoch learning rate of every network (default constant: the design's)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--weight-decay",
         type=float,
         default=None,
         help="AdamW weight decay of the two CNNs (default 0: the design's Adam)",
     )
-    parser.add_argument(
-        "--limit", type=int, default=None, help="at most N training images per class (smoke runs)"
-    )
-    parser.add_argument("--val-fraction", type=float, default=0.15)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--num-workers",
-        default=None,
-        metavar="N|MIN-MAX",
-        help="Ray Train workers: N, or MIN-MAX for elastic training that grows as the "
-        "autoscaler adds nodes (default: one per GPU up now, else 1)",
-    )
-    _add_cluster_flags(parser, "train")
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="autocast precision (auto: bf16 on GPUs that support it, fp32 on CPU)",
-    )
-    parser.add_argument("--cpus-per-worker", type=int, default=None)
-    parser.add_argument(
-        "--storage-path", default=None, help="checkpoint storage (default: <output>/checkpoints)"
-    )
-    parser.add_argument("--max-failures", type=int, default=2)
-    parser.add_argument(
+
+
+def _validation_flags(group) -> None:
+    group.add_argument(
         "--knn-k",
         type=_int_or_auto,
         default=None,
         metavar="{auto,K}",
         help=f"KNN neighbours; auto (default): best validation accuracy of {KNN_K_CANDIDATES}",
     )
-    parser.add_argument(
+    group.add_argument(
         "--knn-features", default="softmax", choices=["auto", "softmax", "embedding"]
     )
-    parser.add_argument("--anomaly-percentile", type=float, default=95.0)
-    parser.add_argument(
+    group.add_argument("--anomaly-percentile", type=float, default=95.0)
+    group.add_argument(
         "--anomaly-score",
         default="auto",
         choices=["auto", *ANOMALY_SCORES],
         help="autoencoder anomaly score (auto: the highest validation AUC)",
     )
-    parser.add_argument(
-        "--autoencoder-masking",
-        type=float,
-        default=0.0,
-        help="share of the autoencoder's training images shown with patches hidden, so it "
-        "learns to inpaint them (the inpaint score); 0 = the design's plain autoencoder",
+    group.add_argument("--anomaly-k", type=int, default=5)
+    group.add_argument(
+        "--binary-threshold",
+        default="sensitivity",
+        choices=BINARY_THRESHOLD_RULES,
+        help="how the binary threshold is chosen on validation",
     )
-    parser.add_argument(
+    group.add_argument("--target-sensitivity", type=float, default=0.95)
+
+
+def _robustness_flags(group) -> None:
+    group.add_argument(
         "--architecture",
         default="seed",
         choices=ARCHITECTURES,
         help="the two CNNs: the design's (seed) or a torchvision backbone, one-channel stem",
     )
-    parser.add_argument(
+    group.add_argument(
         "--pretrained",
         default=None,
         metavar="imagenet|FILE",
         help="initial weights of a torchvision --architecture: imagenet (torchvision's "
         "weights API; downloads once to $TORCH_HOME) or a state dict file",
     )
-    parser.add_argument(
+    group.add_argument(
         "--normalization",
         default="none",
         choices=NORMALIZATIONS,
         help="the CNNs' input normalization, inside the networks (standardize: per image)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--acquisition-shift",
         action=argparse.BooleanOptionalAction,
         default=False,
         help="augment CNN training with site differences: blur/sharpening, gamma, noise, "
         "JPEG recompression, resampling",
     )
-    parser.add_argument(
+    group.add_argument(
         "--tta",
         default="none",
         choices=TTA_MODES,
         help="test-time augmentation of the CNNs (flip: mean over the image and its mirror)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--binary-score",
         default="combined",
         choices=BINARY_SCORES,
         help="p_pneumonia: combined (mean of the binary network's and the three-class "
         "network's 1 - p_normal) or network (the binary network's)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--calibrate",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="temperature-scale both CNNs on validation",
     )
-    parser.add_argument("--anomaly-k", type=int, default=5)
-    parser.add_argument(
-        "--binary-threshold",
-        default="sensitivity",
-        choices=BINARY_THRESHOLD_RULES,
-        help="how the binary threshold is chosen on validation",
+    group.add_argument(
+        "--autoencoder-masking",
+        type=float,
+        default=0.0,
+        help="share of the autoencoder's training images shown with patches hidden, so it "
+        "learns to inpaint them (the inpaint score); 0 = the design's plain autoencoder",
     )
-    parser.add_argument("--target-sensitivity", type=float, default=0.95)
-    parser.add_argument(
+
+
+def _train_cluster_flags(group) -> None:
+    group.add_argument(
+        "--num-workers",
+        default=None,
+        metavar="N|MIN-MAX",
+        help="Ray Train workers: N, or MIN-MAX for elastic training that grows as the "
+        "autoscaler adds nodes (default: one per GPU up now, else 1)",
+    )
+    _add_cluster_flags(group, "train")
+    group.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="autocast precision (auto: bf16 on GPUs that support it, fp32 on CPU)",
+    )
+    group.add_argument("--cpus-per-worker", type=int, default=None)
+    group.add_argument(
+        "--storage-path", default=None, help="checkpoint storage (default: <output>/checkpoints)"
+    )
+    group.add_argument("--max-failures", type=int, default=2)
+
+
+def _tracking_flags(group) -> None:
+    group.add_argument(
         "--mlflow-tracking-uri",
         default=None,
         metavar="URI",
         help="log parameters, per-epoch metrics, the report and the bundle to MLflow at URI "
         "(a folder, file://, http(s)://, databricks, sqlite://); default: no tracking",
     )
-    parser.add_argument(
+    group.add_argument(
         "--mlflow-experiment",
         default="pneumo_ray",
         metavar="NAME",
         help="MLflow experiment (default: pneumo_ray)",
     )
-    return parser
 
 
 def _networks(args: argparse.Namespace) -> dict[str, NetworkConfig]:
@@ -267,40 +294,21 @@ def _networks(args: argparse.Namespace) -> dict[str, NetworkConfig]:
     return defaults
 
 
+# The flags that are TrainConfig settings under their own names (the rest fold into each
+# network's settings, or are the CLI's: tracking, Ray's address, logging).
+_SETTINGS = (
+    "data", "output", "image_size", "batch_size", "limit", "val_fraction", "seed",
+    *(field.name for group in GROUPS.values() for field in dataclasses.fields(group)),
+)  # fmt: skip
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of parsed ``pneumo-train`` flags, validated once with every override in
     place (a ConfigError names the flag)."""
-    return TrainConfig(
-        data=args.data,
-        output=args.output,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
+    return TrainConfig.from_flat(
         epochs=None,  # folded into each network's settings by _networks, which the card keeps
         **_networks(args),
-        limit=args.limit,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        num_workers=args.num_workers,
-        use_gpu=args.use_gpu,
-        precision=args.precision,
-        cpus_per_worker=args.cpus_per_worker,
-        storage_path=args.storage_path,
-        max_failures=args.max_failures,
-        knn_k=args.knn_k,
-        knn_features=args.knn_features,
-        anomaly_percentile=args.anomaly_percentile,
-        anomaly_score=args.anomaly_score,
-        anomaly_k=args.anomaly_k,
-        binary_threshold=args.binary_threshold,
-        target_sensitivity=args.target_sensitivity,
-        architecture=args.architecture,
-        pretrained=args.pretrained,
-        normalization=args.normalization,
-        acquisition_shift=args.acquisition_shift,
-        tta=args.tta,
-        binary_score=args.binary_score,
-        calibrate=args.calibrate,
-        autoencoder_masking=args.autoencoder_masking,
+        **{name: getattr(args, name) for name in _SETTINGS},
     )
 
 

@@ -1,4 +1,11 @@
-"""Settings of the training job, with the design's values as defaults."""
+"""Settings of the training job, with the design's values as defaults, in groups a reader can
+scan: the data and schedule (TrainConfig's own fields), each network's (NetworkConfig), what is
+chosen on validation (ValidationChoices), the robustness levers (RobustnessSettings) and where
+training runs (ClusterSettings). MLflow tracking is the CLI's (pneumo_ray.cli, tracking flags).
+
+Each group checks itself in ``check``; TrainConfig runs every check once, after every flag and
+override is in place (``--epochs`` before the per-network flags), so a refusal names the flag
+whatever set the value."""
 
 from __future__ import annotations
 
@@ -60,48 +67,34 @@ class NetworkConfig:
     weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 is the design's plain Adam
     lr_schedule: str = "constant"  # per epoch: constant (the design's) or cosine decay to 0
 
+    def check(self, name: str) -> None:
+        """After every flag that sets them (--epochs, then the per-network flags)."""
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ConfigError(
+                f"--{name}-epochs (or --epochs) must be at least 1, got {self.epochs}"
+            )
+        if not self.lr > 0:
+            raise ConfigError(f"--lr-{name} must be positive, got {self.lr}")
+        patience = self.early_stopping_patience
+        if patience is not None and patience < 0:
+            raise ConfigError(f"--{name}-patience must be 0 (off) or more, got {patience}")
+        if patience == 0:
+            self.early_stopping_patience = None  # 0 on the command line means off
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule must be constant or cosine; got {self.lr_schedule!r}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+
+
+def _check_choice(flag: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{flag} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
 
 @dataclass
-class TrainConfig:
-    """Everything ``jobs/train.py`` needs; each field is a command-line flag."""
+class ValidationChoices:
+    """What the training job chooses on validation images, and by which rule."""
 
-    data: str
-    """Labelled image store: local folder or s3:// URI in the Kaggle layout (--data)."""
-    output: str
-    """Where the model bundle goes: local folder or s3:// URI (--output)."""
-    image_size: int = 224
-    """Side of the square model input in pixels; a multiple of 16 (--image-size)."""
-    batch_size: int = 32
-    """Global batch size, split across training workers (--batch-size)."""
-    epochs: int | None = None
-    """Epochs for every network; None keeps the design's 10/10/30 (--epochs)."""
-    binary: NetworkConfig = dataclasses.field(default_factory=lambda: NetworkConfig(10, 3e-5))
-    multiclass: NetworkConfig = dataclasses.field(
-        default_factory=lambda: NetworkConfig(10, 1e-3, early_stopping_patience=3)
-    )
-    autoencoder: NetworkConfig = dataclasses.field(default_factory=lambda: NetworkConfig(30, 1e-3))
-    limit: int | None = None
-    """Keep at most this many training images per class, for smoke runs (--limit)."""
-    val_fraction: float = 0.15
-    """Share of training patients held out for validation (--val-fraction)."""
-    seed: int = 0
-    """Seed of the patient split, the row order and the networks' initialisation (--seed)."""
-    num_workers: tuple[int, int] | None = None
-    """Ray Train workers as (min, max), from N or MIN-MAX (elastic); None: one per GPU up now,
-    or one CPU worker (--num-workers)."""
-    use_gpu: bool | None = None
-    """Train on GPUs, asking the autoscaler for them if none is up; None: when the cluster
-    has one now (--use-gpu/--no-use-gpu)."""
-    precision: str = "auto"
-    """Training arithmetic: fp32, bf16 or fp16 autocast; auto: bf16 on GPUs that support it,
-    else fp32 (--precision)."""
-    cpus_per_worker: int | None = None
-    """CPUs each training worker reserves; None: a whole node's CPUs, split among its
-    workers (--cpus-per-worker)."""
-    storage_path: str | None = None
-    """Where Ray Train keeps checkpoints; None: <output>/checkpoints (--storage-path)."""
-    max_failures: int = 2
-    """Worker failures to recover from, each time from the last checkpoint (--max-failures)."""
     knn_k: int | None = None
     """Neighbours of the KNN classifier; None: the one of KNN_K_CANDIDATES with the best
     validation accuracy (--knn-k, auto)."""
@@ -123,6 +116,40 @@ class TrainConfig:
     (--binary-threshold)."""
     target_sensitivity: float = 0.95
     """Validation sensitivity the binary threshold must reach (--target-sensitivity)."""
+
+    def check(self) -> None:
+        if self.knn_k is not None and self.knn_k < 1:
+            raise ConfigError(f"--knn-k must be at least 1, got {self.knn_k}")
+        if self.knn_features not in ("auto", *FEATURE_KINDS):
+            raise ConfigError(
+                f"--knn-features must be auto, softmax or embedding; got {self.knn_features!r}"
+            )
+        if not 50.0 <= self.anomaly_percentile < 100.0:
+            raise ConfigError(
+                f"--anomaly-percentile must be in [50, 100), got {self.anomaly_percentile}"
+            )
+        if self.anomaly_score not in ("auto", *ANOMALY_SCORES):
+            raise ConfigError(
+                f"--anomaly-score must be auto, {', '.join(ANOMALY_SCORES)}; "
+                f"got {self.anomaly_score!r}"
+            )
+        if self.anomaly_k < 1:
+            raise ConfigError(f"--anomaly-k must be at least 1, got {self.anomaly_k}")
+        if self.binary_threshold not in BINARY_THRESHOLD_RULES:
+            raise ConfigError(
+                f"--binary-threshold must be sensitivity or youden; got {self.binary_threshold!r}"
+            )
+        if not 0.5 <= self.target_sensitivity <= 1.0:
+            raise ConfigError(
+                f"--target-sensitivity must be in [0.5, 1], got {self.target_sensitivity}"
+            )
+
+
+@dataclass
+class RobustnessSettings:
+    """The levers for images from another site (issue 11). The networks' and their training's
+    default to the design's; calibration and the combined p_pneumonia are on by default."""
+
     architecture: str = "seed"
     """The two CNNs: the design's (seed) or a torchvision backbone with a one-channel stem
     (--architecture)."""
@@ -147,67 +174,11 @@ class TrainConfig:
     """Share of the autoencoder's training images given with one of the four inpainting masks
     (0: the design's plain autoencoder) (--autoencoder-masking)."""
 
-    def __post_init__(self) -> None:
-        # Locations in one form from here on (a relative path resumes the same runs as its
-        # absolute twin); pneumo_ray.io.stores is imported here, not at the top: --help needs
-        # no pyarrow.
-        from pneumo_ray.io.stores import normalize, normalize_optional
-
-        self.data, self.output = normalize(self.data), normalize(self.output)
-        self.storage_path = normalize_optional(self.storage_path)
-        if self.image_size < 32 or self.image_size % 16:
-            raise ConfigError(
-                f"--image-size must be a multiple of 16 (min 32); got {self.image_size}"
-            )
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.epochs is not None:
-            if self.epochs < 1:
-                raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
-            for network in (self.binary, self.multiclass, self.autoencoder):
-                network.epochs = self.epochs
-        for name in ("binary", "multiclass", "autoencoder"):
-            self._check_network(name)
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        self.num_workers = parse_worker_range(self.num_workers)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"--precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
-            )
-        if self.max_failures < 0:
-            raise ConfigError(f"--max-failures must be 0 or more, got {self.max_failures}")
-        if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
-            raise ConfigError(f"--cpus-per-worker must be at least 1, got {self.cpus_per_worker}")
-        if self.knn_k is not None and self.knn_k < 1:
-            raise ConfigError(f"--knn-k must be at least 1, got {self.knn_k}")
-        if self.knn_features not in ("auto", *FEATURE_KINDS):
-            raise ConfigError(
-                f"--knn-features must be auto, softmax or embedding; got {self.knn_features!r}"
-            )
-        if not 50.0 <= self.anomaly_percentile < 100.0:
-            raise ConfigError(
-                f"--anomaly-percentile must be in [50, 100), got {self.anomaly_percentile}"
-            )
-
-        if self.anomaly_score not in ("auto", *ANOMALY_SCORES):
-            raise ConfigError(
-                f"--anomaly-score must be auto, {', '.join(ANOMALY_SCORES)}; "
-                f"got {self.anomaly_score!r}"
-            )
-        if self.anomaly_k < 1:
-            raise ConfigError(f"--anomaly-k must be at least 1, got {self.anomaly_k}")
-        choices = {
-            "--architecture": (self.architecture, ARCHITECTURES),
-            "--normalization": (self.normalization, NORMALIZATIONS),
-            "--tta": (self.tta, TTA_MODES),
-            "--binary-score": (self.binary_score, BINARY_SCORES),
-        }
-        for flag, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+    def check(self) -> None:
+        _check_choice("--architecture", self.architecture, ARCHITECTURES)
+        _check_choice("--normalization", self.normalization, NORMALIZATIONS)
+        _check_choice("--tta", self.tta, TTA_MODES)
+        _check_choice("--binary-score", self.binary_score, BINARY_SCORES)
         if self.pretrained is not None:
             if self.architecture == "seed":
                 raise ConfigError(
@@ -224,36 +195,131 @@ class TrainConfig:
             raise ConfigError(
                 f"--autoencoder-masking must be in [0, 1], got {self.autoencoder_masking}"
             )
-        if self.binary_threshold not in BINARY_THRESHOLD_RULES:
-            raise ConfigError(
-                f"--binary-threshold must be sensitivity or youden; got {self.binary_threshold!r}"
-            )
-        if not 0.5 <= self.target_sensitivity <= 1.0:
-            raise ConfigError(
-                f"--target-sensitivity must be in [0.5, 1], got {self.target_sensitivity}"
-            )
 
-    def _check_network(self, name: str) -> None:
-        """One network's settings, after every flag that sets them (--epochs and the
-        per-network flags) has been applied."""
-        network = self.network(name)
-        if not isinstance(network.epochs, int) or network.epochs < 1:
+
+@dataclass
+class ClusterSettings:
+    """Where and how Ray Train runs: workers, devices, precision, checkpoints, failures."""
+
+    num_workers: tuple[int, int] | None = None
+    """Ray Train workers as (min, max), from N or MIN-MAX (elastic); None: one per GPU up now,
+    or one CPU worker (--num-workers)."""
+    use_gpu: bool | None = None
+    """Train on GPUs, asking the autoscaler for them if none is up; None: when the cluster
+    has one now (--use-gpu/--no-use-gpu)."""
+    precision: str = "auto"
+    """Training arithmetic: fp32, bf16 or fp16 autocast; auto: bf16 on GPUs that support it,
+    else fp32 (--precision)."""
+    cpus_per_worker: int | None = None
+    """CPUs each training worker reserves; None: a whole node's CPUs, split among its
+    workers (--cpus-per-worker)."""
+    storage_path: str | None = None
+    """Where Ray Train keeps checkpoints; None: <output>/checkpoints (--storage-path)."""
+    max_failures: int = 2
+    """Worker failures to recover from, each time from the last checkpoint (--max-failures)."""
+
+    def check(self) -> None:
+        from pneumo_ray.io.stores import normalize_optional  # see TrainConfig.__post_init__
+
+        self.storage_path = normalize_optional(self.storage_path)
+        self.num_workers = parse_worker_range(self.num_workers)
+        if self.precision not in PRECISIONS:
             raise ConfigError(
-                f"--{name}-epochs (or --epochs) must be at least 1, got {network.epochs}"
+                f"--precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
             )
-        if not network.lr > 0:
-            raise ConfigError(f"--lr-{name} must be positive, got {network.lr}")
-        patience = network.early_stopping_patience
-        if patience is not None and patience < 0:
-            raise ConfigError(f"--{name}-patience must be 0 (off) or more, got {patience}")
-        if network.early_stopping_patience == 0:
-            network.early_stopping_patience = None  # 0 on the command line means off
-        if network.lr_schedule not in LR_SCHEDULES:
+        if self.max_failures < 0:
+            raise ConfigError(f"--max-failures must be 0 or more, got {self.max_failures}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
+            raise ConfigError(f"--cpus-per-worker must be at least 1, got {self.cpus_per_worker}")
+
+
+GROUPS = {
+    "validation": ValidationChoices,
+    "robustness": RobustnessSettings,
+    "cluster": ClusterSettings,
+}
+NETWORK_NAMES = ("binary", "multiclass", "autoencoder")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``jobs/train.py`` needs. Its own fields are the data and the schedule; the
+    rest are groups (above). ``TrainConfig.from_flat`` takes every setting by its flag's name,
+    as the command line gives them."""
+
+    data: str
+    """Labelled image store: local folder or s3:// URI in the Kaggle layout (--data)."""
+    output: str
+    """Where the model bundle goes: local folder or s3:// URI (--output)."""
+    image_size: int = 224
+    """Side of the square model input in pixels; a multiple of 16 (--image-size)."""
+    batch_size: int = 32
+    """Global batch size, split across training workers (--batch-size)."""
+    epochs: int | None = None
+    """Epochs for every network; None keeps the design's 10/10/30 (--epochs)."""
+    limit: int | None = None
+    """Keep at most this many training images per class, for smoke runs (--limit)."""
+    val_fraction: float = 0.15
+    """Share of training patients held out for validation (--val-fraction)."""
+    seed: int = 0
+    """Seed of the patient split, the row order and the networks' initialisation (--seed)."""
+
+    # Each network's settings (--<network>-epochs, --lr-<network>, ...).
+    binary: NetworkConfig = dataclasses.field(default_factory=lambda: NetworkConfig(10, 3e-5))
+    multiclass: NetworkConfig = dataclasses.field(
+        default_factory=lambda: NetworkConfig(10, 1e-3, early_stopping_patience=3)
+    )
+    autoencoder: NetworkConfig = dataclasses.field(default_factory=lambda: NetworkConfig(30, 1e-3))
+
+    validation: ValidationChoices = dataclasses.field(default_factory=ValidationChoices)
+    robustness: RobustnessSettings = dataclasses.field(default_factory=RobustnessSettings)
+    cluster: ClusterSettings = dataclasses.field(default_factory=ClusterSettings)
+
+    @classmethod
+    def from_flat(cls, **settings) -> TrainConfig:
+        """A TrainConfig from settings named as their flags (``knn_k=5``, ``use_gpu=True``):
+        each goes to the group that holds it; an unknown name is a TypeError."""
+        groups = {name: {} for name in GROUPS}
+        owner = {
+            field.name: group
+            for group, kind in GROUPS.items()
+            for field in dataclasses.fields(kind)
+        }
+        own = {}
+        for key, value in settings.items():
+            if key in owner:
+                groups[owner[key]][key] = value
+            else:
+                own[key] = value
+        return cls(**own, **{name: GROUPS[name](**values) for name, values in groups.items()})
+
+    def __post_init__(self) -> None:
+        # Locations in one form from here on (a relative path resumes the same runs as its
+        # absolute twin); pneumo_ray.io.stores is imported here, not at the top: --help needs
+        # no pyarrow.
+        from pneumo_ray.io.stores import normalize
+
+        self.data, self.output = normalize(self.data), normalize(self.output)
+        if self.image_size < 32 or self.image_size % 16:
             raise ConfigError(
-                f"--lr-schedule must be constant or cosine; got {network.lr_schedule!r}"
+                f"--image-size must be a multiple of 16 (min 32); got {self.image_size}"
             )
-        if not network.weight_decay >= 0:
-            raise ConfigError(f"--weight-decay must be 0 or more, got {network.weight_decay}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.epochs is not None:
+            if self.epochs < 1:
+                raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
+            for name in NETWORK_NAMES:
+                self.network(name).epochs = self.epochs
+        for name in NETWORK_NAMES:
+            self.network(name).check(name)
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        self.validation.check()
+        self.robustness.check()
+        self.cluster.check()
 
     def network(self, name: str) -> NetworkConfig:
         return getattr(self, name)
@@ -263,13 +329,18 @@ class TrainConfig:
         if name == "autoencoder":
             return {"architecture": "conv_autoencoder"}
         return {
-            "architecture": self.architecture,
-            "normalization": self.normalization,
-            "pretrained": self.pretrained,
+            "architecture": self.robustness.architecture,
+            "normalization": self.robustness.normalization,
+            "pretrained": self.robustness.pretrained,
         }
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every setting by its flag's name, the groups' flattened in (the card's
+        ``training.config`` and MLflow's parameters); each network's as a dict."""
+        flat = dataclasses.asdict(self)
+        for name in GROUPS:
+            flat.update(flat.pop(name))
+        return flat
 
     def run_key(self, network: str, data_fingerprint: dict | None = None) -> str:
         """Name of a network's Ray Train run: the same settings on the same data resume the
@@ -289,8 +360,8 @@ class TrainConfig:
         # design's, so runs from before they existed still resume.
         extra = {
             "spec": self.network_spec(network) if network != "autoencoder" else None,
-            "acquisition_shift": self.acquisition_shift and network != "autoencoder",
-            "masking": self.autoencoder_masking if network == "autoencoder" else 0.0,
+            "acquisition_shift": self.robustness.acquisition_shift and network != "autoencoder",
+            "masking": self.robustness.autoencoder_masking if network == "autoencoder" else 0.0,
         }
         design = {
             "spec": {"architecture": "seed", "normalization": "none", "pretrained": None},

@@ -1,6 +1,7 @@
 """Fault injection at named points, for the fault tests (and for chaos drills on a staging
-cluster). Each is off unless its environment variable is set; processes that Ray starts on the
-driver's machine inherit it.
+cluster). Each is off unless its environment variable is set in the driver's environment; an
+embedded Ray's processes inherit it, and a job that joins a running cluster passes it to its
+workers there (pneumo_ray.runtime.fault_env).
 
     PNEUMO_RAY_KILL_AFTER_PART=N        the scoring driver SIGKILLs itself once part N is committed
     PNEUMO_RAY_KILL_IN_COMMIT=N         ... or while committing part N: after its .committing
@@ -20,6 +21,7 @@ KILL_AFTER_PART = "PNEUMO_RAY_KILL_AFTER_PART"
 KILL_IN_COMMIT = "PNEUMO_RAY_KILL_IN_COMMIT"
 HOLD_AFTER_PART = "PNEUMO_RAY_HOLD_AFTER_PART"
 READ_FAULTS = "PNEUMO_RAY_READ_FAULTS"
+VARIABLES = (KILL_AFTER_PART, KILL_IN_COMMIT, HOLD_AFTER_PART, READ_FAULTS)
 
 
 class InjectedReadError(OSError):

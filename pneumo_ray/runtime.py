@@ -12,6 +12,7 @@ import uuid
 
 import ray
 
+from pneumo_ray import faults
 from pneumo_ray.io import stores
 
 # Ray resolves its node address through this switch; off, a single-node Ray takes the loopback
@@ -35,9 +36,20 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         return
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
+        faults = fault_env()
+        if faults and "runtime_env" not in kwargs:
+            # The cluster's worker processes were not started from this environment.
+            kwargs["runtime_env"] = {"env_vars": faults}
         ray.init(address=target, **kwargs)
     else:
         init_local_ray(**kwargs)
+
+
+def fault_env() -> dict[str, str]:
+    """The fault injection points set in this environment (pneumo_ray.faults): a job that joins
+    a running cluster passes them to its workers there, as an embedded Ray's workers inherit
+    them."""
+    return {key: os.environ[key] for key in faults.VARIABLES if key in os.environ}
 
 
 def init_local_ray(**kwargs) -> None:

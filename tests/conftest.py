@@ -15,7 +15,7 @@ FULLRES = SHARED_DATA / "chest_xray_fullres"
 
 
 # A test that uses one of these starts Ray or runs a job (or trains, through `trained`).
-RAY_FIXTURES = {"ray_local", "trained", "job_env"}
+RAY_FIXTURES = {"ray_local", "trained", "job_env", "embedded_env", "shared_ray"}
 
 
 def pytest_addoption(parser):
@@ -54,12 +54,46 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def job_env() -> dict[str, str]:
-    """Environment for running jobs/*.py as a user would, in a subprocess."""
+def embedded_env() -> dict[str, str]:
+    """Environment for running jobs/*.py as a user would, in a subprocess that starts its own
+    embedded Ray: for the tests of what an embedded Ray does (signals, killed processes among
+    the job's own, the loopback check) and of jobs whose workers need the test's environment
+    (S3 credentials, $TORCH_HOME)."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(REPO)
     return env
+
+
+@pytest.fixture(scope="session")
+def shared_ray(tmp_path_factory):
+    """One local Ray (a head with 2 CPUs) that the job-level tests' jobs join, as a job joins a
+    running cluster: about a second to connect instead of about eight to start and stop an
+    embedded Ray, for each of some fifty job runs. Stopped by its own processes (never
+    `ray stop`)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": False,
+            "object_store_memory": 2 * 1024**3,
+        },
+    )
+    try:
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def job_env(embedded_env, shared_ray) -> dict[str, str]:
+    """Environment for running jobs/*.py in a subprocess that joins the session's shared Ray
+    (``$RAY_ADDRESS``, as under `ray job submit`). Fault points set in it reach the workers
+    (pneumo_ray.runtime.fault_env)."""
+    return {**embedded_env, "RAY_ADDRESS": shared_ray}
 
 
 def run_job(script: str, *args: str, env: dict[str, str], timeout: float = 900, cwd: Path = REPO):

@@ -75,16 +75,16 @@ def autoscaling_config(gcs_port: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def autoscaling_head(job_env):
+def autoscaling_head(embedded_env):
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="pa_", dir="/tmp")  # short: Ray's socket paths
     config = Path(temp_dir) / "autoscaling.yaml"
     config.write_text(json.dumps(autoscaling_config(port)))  # JSON is YAML
-    env = dict(job_env)
+    env = dict(embedded_env)
     env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     address = f"127.0.0.1:{port}"
-    client_env = {**job_env, "RAY_AUTH_MODE": "token"}
+    client_env = {**embedded_env, "RAY_AUTH_MODE": "token"}
     with ray_head(
         env, port, temp_dir, "--num-cpus=0", f"--autoscaling-config={config}",
         f"--dashboard-port={free_port()}",

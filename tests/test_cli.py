@@ -98,7 +98,7 @@ def test_overrides_apply_in_order_and_are_validated_after():
     plain = cli.train_config(cli.train_parser().parse_args(TRAIN))
     from pneumo_ray.config import TrainConfig
 
-    design = TrainConfig(data="/s", output="/o")
+    design = TrainConfig.from_flat(data="/s", output="/o")
     for name in cli.NETWORK_NAMES:
         assert plain.run_key(name) == design.run_key(name)
 

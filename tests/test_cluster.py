@@ -87,11 +87,11 @@ def ray_head(env: dict, port: int, temp_dir: str, *args: str):
 
 
 @pytest.fixture(scope="module")
-def head(job_env):
+def head(embedded_env):
     """A local cluster head with the Jobs API, 2 CPUs, on 127.0.0.1."""
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="pr_", dir="/tmp")  # short: Ray's socket paths
-    env = dict(job_env)
+    env = dict(embedded_env)
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the job's `python`
     address = f"http://127.0.0.1:{dashboard}"
     client_env = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
@@ -210,7 +210,9 @@ def two_nodes():
         cluster.shutdown()
 
 
-def test_training_and_scoring_spread_over_two_nodes(two_nodes, subset_store, tmp_path, job_env):
+def test_training_and_scoring_spread_over_two_nodes(
+    two_nodes, subset_store, tmp_path, embedded_env
+):
     bundle, scores = tmp_path / "bundle", tmp_path / "scores"
     address = ["--address", two_nodes.address]
     result = run_job(
@@ -225,7 +227,7 @@ def test_training_and_scoring_spread_over_two_nodes(two_nodes, subset_store, tmp
         "--cpus-per-worker",
         "1",
         *address,
-        env=job_env,
+        env=embedded_env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     card = json.loads((bundle / "card.json").read_text())
@@ -245,7 +247,7 @@ def test_training_and_scoring_spread_over_two_nodes(two_nodes, subset_store, tmp
         "--batch-size",
         "4",
         *address,
-        env=job_env,
+        env=embedded_env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     df = read_scores(str(scores)).to_pandas()
@@ -265,7 +267,9 @@ def test_training_and_scoring_spread_over_two_nodes(two_nodes, subset_store, tmp
     assert "visible from all 2 nodes" in result.stdout + result.stderr
 
 
-def test_a_local_output_some_nodes_cannot_see_is_refused(two_nodes, trained, tmp_path, job_env):
+def test_a_local_output_some_nodes_cannot_see_is_refused(
+    two_nodes, trained, tmp_path, embedded_env
+):
     """The driver runs in a mount namespace of its own, with a private tmpfs over the output
     folder: what it writes there, no node sees, as with a local disk on a real cluster."""
     bundle, _ = trained
@@ -282,7 +286,7 @@ def test_a_local_output_some_nodes_cannot_see_is_refused(two_nodes, trained, tmp
     result = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
         cwd=REPO,
-        env=job_env,
+        env=embedded_env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -344,7 +348,7 @@ def _run_job_and_kill(script: str, args: list[str], env, log: Path, match: str, 
     return output
 
 
-def test_training_survives_a_killed_worker(subset_store, tmp_path, job_env):
+def test_training_survives_a_killed_worker(subset_store, tmp_path, embedded_env):
     bundle = tmp_path / "bundle"
     args = [
         "--data",
@@ -365,7 +369,7 @@ def test_training_survives_a_killed_worker(subset_store, tmp_path, job_env):
     output = _run_job_and_kill(
         "train.py",
         args,
-        job_env,
+        embedded_env,
         tmp_path / "train.log",
         "RayTrainWorker",
         lambda: _registered_checkpoint(bundle / "checkpoints"),
@@ -378,7 +382,7 @@ def test_training_survives_a_killed_worker(subset_store, tmp_path, job_env):
     load_bundle(str(bundle))
 
 
-def test_scoring_survives_a_killed_model_actor(trained, tmp_path, job_env):
+def test_scoring_survives_a_killed_model_actor(trained, tmp_path, embedded_env):
     bundle, _ = trained
     folder = tmp_path / "images"
     folder.mkdir()
@@ -402,7 +406,7 @@ def test_scoring_survives_a_killed_model_actor(trained, tmp_path, job_env):
     _run_job_and_kill(
         "score.py",
         args,
-        job_env,
+        embedded_env,
         tmp_path / "score.log",
         "BundlePredictor",
         lambda: committed_runs(str(scores)),

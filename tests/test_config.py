@@ -6,7 +6,7 @@ from pneumo_ray.config import ConfigError, NetworkConfig, TrainConfig
 
 
 def config(**overrides) -> TrainConfig:
-    return TrainConfig(data="/s", output="/o", **overrides)
+    return TrainConfig.from_flat(data="/s", output="/o", **overrides)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_knn_k_flag_takes_auto_or_a_number(capsys):
     ("text", "expected"), [("3", (3, 3)), ("1-4", (1, 4)), (2, (2, 2)), (None, None)]
 )
 def test_num_workers_takes_a_count_or_a_range(text, expected):
-    assert config(num_workers=text).num_workers == expected
+    assert config(num_workers=text).cluster.num_workers == expected
 
 
 @pytest.mark.parametrize("text", ["0", "4-2", "0-3", "a-b", "1-2-3", "-1"])
@@ -80,3 +80,26 @@ def test_changed_data_at_the_same_uri_is_a_new_run():
     after = {"train": "aaa-rewritten", "val": "bbb"}
     assert base.run_key("binary", before) == base.run_key("binary", dict(before))
     assert base.run_key("binary", before) != base.run_key("binary", after)
+
+
+def test_settings_sit_in_their_groups_and_the_card_keeps_them_by_flag_name():
+    settings = TrainConfig.from_flat(
+        data="/s", output="/o", knn_k=5, tta="flip", use_gpu=False, limit=3
+    )
+    assert settings.validation.knn_k == 5 and settings.robustness.tta == "flip"
+    assert settings.cluster.use_gpu is False and settings.limit == 3
+    flat = settings.to_dict()  # the card's training.config and MLflow's parameters
+    assert (flat["knn_k"], flat["tta"], flat["use_gpu"], flat["limit"]) == (5, "flip", False, 3)
+    assert flat["binary"]["lr"] == 3e-5 and not {"validation", "robustness", "cluster"} & set(flat)
+    with pytest.raises(TypeError):
+        TrainConfig.from_flat(data="/s", output="/o", no_such_setting=1)
+
+
+def test_each_group_is_checked_once_every_override_is_in_place():
+    # A network given directly is checked as the flags' are, and the refusal names the flag.
+    with pytest.raises(ConfigError, match="--binary-epochs"):
+        TrainConfig.from_flat(data="/s", output="/o", binary=NetworkConfig(0, 1e-3))
+    with pytest.raises(ConfigError, match="--precision"):
+        TrainConfig.from_flat(data="/s", output="/o", precision="fp64")
+    with pytest.raises(ConfigError, match="--pretrained needs a torchvision"):
+        TrainConfig.from_flat(data="/s", output="/o", pretrained="imagenet")

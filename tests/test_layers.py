@@ -23,7 +23,7 @@ ALLOWED = {
     "console": set(),
     "io": {"errors", "faults"},
     "config": {"io", "errors"},
-    "runtime": {"io", "errors", "console"},
+    "runtime": {"io", "errors", "faults", "console"},
     "models": {"io", "config", "errors"},
     "monitoring": {"io"},
     "training": {"io", "models", "monitoring", "config", "runtime", *BASE},

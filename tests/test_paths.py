@@ -134,13 +134,13 @@ def test_the_output_lock_is_one_lock_whatever_the_form(tmp_path, monkeypatch):
 
 def test_job_settings_hold_locations_in_one_form(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    train = TrainConfig(data="./store/", output="bundles/../b", storage_path="ckpt")
-    assert (train.data, train.output, train.storage_path) == (
+    train = TrainConfig.from_flat(data="./store/", output="bundles/../b", storage_path="ckpt")
+    assert (train.data, train.output, train.cluster.storage_path) == (
         str(tmp_path / "store"),
         str(tmp_path / "b"),
         str(tmp_path / "ckpt"),
     )
-    assert TrainConfig(data="s3://bucket/store/", output="b").data == "s3://bucket/store"
+    assert TrainConfig.from_flat(data="s3://bucket/store/", output="b").data == "s3://bucket/store"
     config = ScoreConfig(model="b/", inputs=["store", "s3://bucket/x/"], output="./out/")
     assert config.model == str(tmp_path / "b") and config.output == str(tmp_path / "out")
     assert config.inputs == [str(tmp_path / "store"), "s3://bucket/x"]
@@ -241,14 +241,14 @@ def _interrupted(job, log_path, signum, to_group: bool, output, parts: int) -> s
 
 
 @pytest.mark.integration
-def test_sigint_and_sigterm_end_a_run_with_one_line(trained, tmp_path, job_env):
+def test_sigint_and_sigterm_end_a_run_with_one_line(trained, tmp_path, embedded_env, job_env):
     bundle, _ = trained
     work, store, sources = _working_folder(tmp_path, "PNEUMONIA", slice(20, 30))
     output = work / "out"
     # Each run waits after its first part (4 images) for a file that never comes, to be stopped
     # there: Ctrl-C reaches the whole process group, SIGTERM (ray job stop, Kubernetes) the
     # driver.
-    env = {**job_env, faults.HOLD_AFTER_PART: f"1:{tmp_path / 'never'}"}
+    env = {**embedded_env, faults.HOLD_AFTER_PART: f"1:{tmp_path / 'never'}"}
     args = score_args(bundle, "store", "out", "--commit-every", "4", "--heatmaps", "none")
     for run, (signum, to_group) in enumerate([(signal.SIGINT, True), (signal.SIGTERM, False)]):
         log_path = tmp_path / f"run{run}.log"
@@ -265,7 +265,7 @@ def test_sigint_and_sigterm_end_a_run_with_one_line(trained, tmp_path, job_env):
             pass
         assert len(_uris(output)) == 4 * (run + 1)
         assert not list((output / "_staging").iterdir())
-    log = score(bundle, ["store"], "out", job_env, cwd=work)
+    log = score(bundle, ["store"], "out", job_env, cwd=work)  # the shared Ray will do
     assert "already scored (skipped): 8" in log and "scored: 2" in log
     assert sorted(_uris(output)) == sorted(str(store / p.name) for p in sources)
     states = [json.loads(p.read_text())["state"] for p in sorted(output.glob("_runs/*/run.json"))]

@@ -32,8 +32,8 @@ ray.shutdown()
 """
 
 
-def test_embedded_ray_listens_on_loopback_only(job_env):
-    env = {k: v for k, v in job_env.items() if not k.startswith("RAY_")}
+def test_embedded_ray_listens_on_loopback_only(embedded_env):
+    env = {k: v for k, v in embedded_env.items() if not k.startswith("RAY_")}
     result = subprocess.run(
         [sys.executable, "-c", _LISTENERS],
         cwd=REPO,

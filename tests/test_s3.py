@@ -29,7 +29,7 @@ ACCESS = "AKIAPNEUMORAYTEST"
 
 
 @pytest.fixture(scope="module")
-def s3_env(job_env, tmp_path_factory):
+def s3_env(embedded_env, tmp_path_factory):
     """A moto S3 server on a free loopback port, and the environment that points at it."""
     port = free_port()
     server = subprocess.Popen(
@@ -38,7 +38,7 @@ def s3_env(job_env, tmp_path_factory):
         stderr=subprocess.DEVNULL,
     )
     env = {
-        **job_env,
+        **embedded_env,
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": ACCESS,
         "AWS_SECRET_ACCESS_KEY": SECRET,

@@ -43,7 +43,8 @@ class StoreLayoutError(ValueError):
 def read_image_bytes(uri: str) -> bytes:
     """Read a file, retrying transient failures (timeouts, throttling, I/O errors) with
     back-off; a missing file (StoreError) is not retried."""
-    for attempt in range(READ_ATTEMPTS):
+    attempt = 0
+    while True:
         try:
             faults.before_read(uri, attempt)
             return stores.read_bytes(uri)
@@ -53,7 +54,7 @@ def read_image_bytes(uri: str) -> bytes:
             if attempt == READ_ATTEMPTS - 1:
                 raise
             time.sleep(READ_BACKOFF_S * 2**attempt)
-    raise AssertionError("unreachable")
+            attempt += 1
 
 
 def error_kind(exc: Exception) -> str:

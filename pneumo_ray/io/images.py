@@ -225,3 +225,9 @@ def image_stats(images: np.ndarray) -> dict[str, np.ndarray]:
         "image_contrast": x.std(axis=(1, 2)),
         "image_sharpness": laplacian.std(axis=(1, 2)),
     }
+
+
+def as_numpy(images) -> np.ndarray:
+    """A batch of decoded images, numpy or a torch tensor on any device, as a numpy array
+    (torch is not imported for a numpy batch)."""
+    return images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)

@@ -30,6 +30,7 @@ from pneumo_ray.io.images import (
     MAX_PIXELS,
     MIN_SIDE,
     ImageDecodeError,
+    as_numpy,
     decode_image,
     image_stats,
     to_model_input,
@@ -297,8 +298,7 @@ class ModelActor:
         columns = {key: batch[key] for key in PASSTHROUGH if key in batch}
         columns.update(self.predict(images))
         if self.outputs == "networks":  # the training job's drift reference needs them
-            pixels = images.cpu().numpy() if hasattr(images, "cpu") else np.asarray(images)
-            columns.update(image_stats(pixels))
+            columns.update(image_stats(as_numpy(images)))
         return columns_to_table(columns)
 
 

@@ -112,7 +112,7 @@ def explain(bundle, images, predictions: dict[str, np.ndarray]) -> list[bytes]:
     bundle's device) and the bundle's predictions for them."""
     import torch
 
-    from pneumo_ray.io.images import to_model_input
+    from pneumo_ray.io.images import as_numpy, to_model_input
     from pneumo_ray.io.labels import CLASS_LABELS
 
     x = to_model_input(images).to(bundle.device)  # (B, 1, S, S)
@@ -121,7 +121,7 @@ def explain(bundle, images, predictions: dict[str, np.ndarray]) -> list[bytes]:
     )
     binary = grad_cam(bundle.binary, x)
     multiclass = grad_cam(bundle.multiclass, x, predicted)
-    pixels = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    pixels = as_numpy(images)
     return [
         overlay_png(
             pixels[i],

@@ -37,7 +37,7 @@ from pneumo_ray.config import HEATMAP_MODES, ConfigError, parse_worker_range
 from pneumo_ray.console import Progress
 from pneumo_ray.io import stores
 from pneumo_ray.io.data import PERMANENT, TRANSIENT, decode_batch, read_batch
-from pneumo_ray.io.images import image_stats
+from pneumo_ray.io.images import as_numpy, image_stats
 from pneumo_ray.io.labels import BINARY_LABELS
 from pneumo_ray.io.listing import LISTING_SCHEMA, iter_listing
 from pneumo_ray.models.bundle import read_card, read_drift_reference
@@ -197,8 +197,7 @@ class BundlePredictor(ModelActor):
         if ok.any():
             usable = select_rows(images, ok)
             predictions = self.bundle.predict(usable)
-            pixels = usable.cpu().numpy() if hasattr(usable, "cpu") else np.asarray(usable)
-            predictions.update(image_stats(pixels))
+            predictions.update(image_stats(as_numpy(usable)))
             uris = [str(u) for u in batch["image_uri"][ok]]
             predictions["heatmap_uri"] = self._heatmap_uris(usable, uris, predictions)
         index = np.flatnonzero(ok)

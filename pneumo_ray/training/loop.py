@@ -488,13 +488,13 @@ def decide_scaling(config: TrainConfig) -> Scaling:
     """
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
-    if config.num_workers is not None:
-        low, high = config.num_workers
+    use_gpu = config.cluster.use_gpu if config.cluster.use_gpu is not None else gpus > 0
+    if config.cluster.num_workers is not None:
+        low, high = config.cluster.num_workers
     else:
         low = high = max(1, gpus) if use_gpu else 1
-    if config.cpus_per_worker is not None:
-        cpus = config.cpus_per_worker
+    if config.cluster.cpus_per_worker is not None:
+        cpus = config.cluster.cpus_per_worker
     else:
         node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
         largest = max(node_cpus, default=1)
@@ -509,13 +509,13 @@ def decide_scaling(config: TrainConfig) -> Scaling:
 
 
 def _run_config(config: TrainConfig, network: str, data_fingerprint: dict | None) -> RunConfig:
-    storage = config.storage_path or stores.join(config.output, "checkpoints")
+    storage = config.cluster.storage_path or stores.join(config.output, "checkpoints")
     fs, path = stores.resolve(storage)
     return RunConfig(
         name=config.run_key(network, data_fingerprint),
         storage_path=path,
         storage_filesystem=fs if stores.is_remote(storage) else None,
-        failure_config=FailureConfig(max_failures=config.max_failures),
+        failure_config=FailureConfig(max_failures=config.cluster.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
     )
 
@@ -546,11 +546,11 @@ def fit_network(
             "class_weights": weights,
             "augment": network != "autoencoder",
             "spec": config.network_spec(network),
-            "acquisition_shift": config.acquisition_shift,
-            "masking": config.autoencoder_masking if network == "autoencoder" else 0.0,
+            "acquisition_shift": config.robustness.acquisition_shift,
+            "masking": config.robustness.autoencoder_masking if network == "autoencoder" else 0.0,
             "seed": config.seed,
             "threads": scaling.cpus_per_worker,
-            "precision": config.precision,
+            "precision": config.cluster.precision,
         },
         scaling_config=scaling.scaling_config(),
         datasets={"train": train, "val": val},

@@ -53,8 +53,8 @@ def _choose_knn(
     the asked-for kind with the asked-for k (or, for auto, the best on validation)."""
     train_labels = np.asarray(CLASS_LABELS)[train_out["label_index"]]
     val_labels = np.asarray(CLASS_LABELS)[val_out["label_index"]]
-    if config.knn_k is not None:
-        ks = [config.knn_k]
+    if config.validation.knn_k is not None:
+        ks = [config.validation.knn_k]
     else:  # candidates the reference set can serve; the smallest always
         ks = [k for k in KNN_K_CANDIDATES if k <= len(train_labels)] or [KNN_K_CANDIDATES[0]]
     fitted, val_accuracy = {}, {}
@@ -68,7 +68,11 @@ def _choose_knn(
             )
             fitted[kind, k] = knn
             val_accuracy[kind][str(k)] = float(np.mean(knn.predict(val_features) == val_labels))
-    kinds = FEATURE_KINDS if config.knn_features == "auto" else (config.knn_features,)
+    kinds = (
+        FEATURE_KINDS
+        if config.validation.knn_features == "auto"
+        else (config.validation.knn_features,)
+    )
     # Ties go to the design's softmax features, then to the smaller k.
     chosen = max(
         ((kind, k) for kind in kinds for k in ks),
@@ -82,7 +86,7 @@ def _calibrate(config: TrainConfig, val_out: dict) -> dict:
     validation ECE of p_pneumonia before and after; the card's calibration entry."""
     is_pneumonia = val_out["label_index"] > 0
     temperatures = {"binary": 1.0, "multiclass": 1.0}
-    if config.calibrate:
+    if config.robustness.calibrate:
         temperatures = {
             "binary": calibration.fit_temperature(val_out["binary_logit"], is_pneumonia),
             "multiclass": calibration.fit_temperature(
@@ -102,7 +106,7 @@ def _calibrate(config: TrainConfig, val_out: dict) -> dict:
     return {
         "temperatures": temperatures,
         "method": "temperature scaling: logits / T, T minimizing validation NLL"
-        if config.calibrate
+        if config.robustness.calibrate
         else "none (--no-calibrate)",
         "validation_ece": ece,
     }
@@ -112,7 +116,10 @@ def _binary_scores(config: TrainConfig, val_out: dict, temperatures: dict) -> di
     """p_pneumonia (the --binary-score) and p_pneumonia_cnn from raw outputs, as the bundle
     computes them."""
     return calibration.calibrated_outputs(
-        val_out["binary_logit"], val_out["multiclass_logits"], temperatures, config.binary_score
+        val_out["binary_logit"],
+        val_out["multiclass_logits"],
+        temperatures,
+        config.robustness.binary_score,
     )
 
 
@@ -120,10 +127,11 @@ def _binary_threshold(config: TrainConfig, val_out: dict, temperatures: dict) ->
     """The binary threshold from validation outputs, and the card entry that says how."""
     is_pneumonia = val_out["label_index"] > 0
     scores = _binary_scores(config, val_out, temperatures)["p_pneumonia"]
-    if config.binary_threshold == "sensitivity":
-        threshold = report.sensitivity_threshold(is_pneumonia, scores, config.target_sensitivity)
+    target = config.validation.target_sensitivity
+    if config.validation.binary_threshold == "sensitivity":
+        threshold = report.sensitivity_threshold(is_pneumonia, scores, target)
         rule = (
-            f"highest threshold with validation sensitivity >= {config.target_sensitivity:g} "
+            f"highest threshold with validation sensitivity >= {target:g} "
             "(--binary-threshold sensitivity)"
         )
     else:
@@ -141,7 +149,9 @@ def _choose_anomaly_score(
     """Fit the latent reference on normal training images; threshold both anomaly scores on
     normal validation images; keep the asked-for score (auto: higher validation AUC)."""
     reference = NormalReference.fit(
-        list(normal_train_out["image_uri"]), normal_train_out["ae_code"], k=config.anomaly_k
+        list(normal_train_out["image_uri"]),
+        normal_train_out["ae_code"],
+        k=config.validation.anomaly_k,
     )
     val_scores = {
         "latent": reference.score(val_out["ae_code"]),
@@ -155,19 +165,19 @@ def _choose_anomaly_score(
         scores[kind] = {
             "description": SCORE_DESCRIPTIONS[kind],
             "threshold": report.percentile_threshold(
-                values[~val_is_pneumonia], config.anomaly_percentile
+                values[~val_is_pneumonia], config.validation.anomaly_percentile
             ),
             "validation_auc": float(roc_auc_score(val_is_pneumonia, values))
             if val_is_pneumonia.any() and (~val_is_pneumonia).any()
             else float("nan"),
         }
-    if config.anomaly_score == "auto":
+    if config.validation.anomaly_score == "auto":
         # NaN AUCs (a one-class validation set) compare False: the latent score is kept.
         chosen = max(
             ANOMALY_SCORES, key=lambda kind: (scores[kind]["validation_auc"], kind == "latent")
         )
     else:
-        chosen = config.anomaly_score
+        chosen = config.validation.anomaly_score
     return reference, chosen, scores
 
 
@@ -303,7 +313,7 @@ def fit_references(
             config.image_size,
             {name: trained[name].state_dict for name in names},
             {name: trained[name].spec for name in names},
-            config.tta,
+            config.robustness.tta,
             inpaint,
         )
 
@@ -349,25 +359,29 @@ def build_card(
     knn, anomaly_kind = references.knn, references.anomaly_kind
     temperatures = references.calibration["temperatures"]
     cnn_note = (
-        f"{config.architecture}"
-        + (f", initialized from {config.pretrained} weights" if config.pretrained else "")
-        + f"; input normalization {config.normalization} (inside the network)"
-        + ("; acquisition-shift augmentation" if config.acquisition_shift else "")
+        f"{config.robustness.architecture}"
+        + (
+            f", initialized from {config.robustness.pretrained} weights"
+            if config.robustness.pretrained
+            else ""
+        )
+        + f"; input normalization {config.robustness.normalization} (inside the network)"
+        + ("; acquisition-shift augmentation" if config.robustness.acquisition_shift else "")
     )
     binary_output = (
         "p_pneumonia = mean of the binary network's p_pneumonia and the three-class network's "
         "1 - p_normal, both temperature-scaled (--binary-score combined); p_pneumonia_cnn = "
         "the binary network's alone"
-        if config.binary_score == "combined"
+        if config.robustness.binary_score == "combined"
         else "p_pneumonia = p_pneumonia_cnn = sigmoid(logit / T) of the binary network"
     )
     return {
         "image_size": config.image_size,
-        "preprocessing": {**PREPROCESSING, "normalization": config.normalization},
+        "preprocessing": {**PREPROCESSING, "normalization": config.robustness.normalization},
         "inference": {
-            "tta": config.tta,
+            "tta": config.robustness.tta,
             "tta_description": "mean logits of the image and its mirror image"
-            if config.tta == "flip"
+            if config.robustness.tta == "flip"
             else "none",
         },
         "calibration": references.calibration,
@@ -378,7 +392,7 @@ def build_card(
                 "network": trained["binary"].spec,
                 "labels": list(BINARY_LABELS),
                 "output": binary_output,
-                "score": config.binary_score,
+                "score": config.robustness.binary_score,
                 "temperature": temperatures["binary"],
                 "threshold": references.binary_threshold,
                 **references.binary_rule,
@@ -401,12 +415,16 @@ def build_card(
                 "metric": "euclidean",
                 "validation_accuracy": references.knn_val_accuracy,
                 "feature_rule": (
-                    f"--knn-features {config.knn_features}"
-                    + (": better validation accuracy" if config.knn_features == "auto" else "")
+                    f"--knn-features {config.validation.knn_features}"
+                    + (
+                        ": better validation accuracy"
+                        if config.validation.knn_features == "auto"
+                        else ""
+                    )
                 ),
                 "k_rule": (
-                    f"--knn-k {config.knn_k}"
-                    if config.knn_k is not None
+                    f"--knn-k {config.validation.knn_k}"
+                    if config.validation.knn_k is not None
                     else f"--knn-k auto: best validation accuracy of k in {list(KNN_K_CANDIDATES)}"
                 ),
                 "reference_images": len(knn.uris),
@@ -414,16 +432,20 @@ def build_card(
             "autoencoder": {
                 "file": "autoencoder.pt",
                 "architecture": "conv_autoencoder",
-                "masking": config.autoencoder_masking,
+                "masking": config.robustness.autoencoder_masking,
                 "score": anomaly_kind,
                 "score_description": SCORE_DESCRIPTIONS[anomaly_kind],
                 "score_rule": (
-                    f"--anomaly-score {config.anomaly_score}"
-                    + (": highest validation ROC AUC" if config.anomaly_score == "auto" else "")
+                    f"--anomaly-score {config.validation.anomaly_score}"
+                    + (
+                        ": highest validation ROC AUC"
+                        if config.validation.anomaly_score == "auto"
+                        else ""
+                    )
                 ),
                 "threshold": references.anomaly_threshold,
                 "threshold_rule": (
-                    f"{config.anomaly_percentile:g}th percentile of the scores of "
+                    f"{config.validation.anomaly_percentile:g}th percentile of the scores of "
                     "normal validation images"
                 ),
                 "scores": references.anomaly_scores,
@@ -447,7 +469,7 @@ def build_card(
             "class_weights": weights,
             "imbalance": "inverse-frequency class weights in the binary and three-class losses",
             "scaling": vars(scaling),
-            "precision": config.precision,
+            "precision": config.cluster.precision,
             "worker_nodes": {name: network.worker_nodes for name, network in trained.items()},
             "history": {name: network.history for name, network in trained.items()},
             "skipped_images": [{"image_uri": u, "error": e} for u, e in splits.skipped],
@@ -528,7 +550,7 @@ def _train(config: TrainConfig, tracker: NullTracker) -> dict:
     started = time.perf_counter()
     nodes = check_shared_storage(
         read=[("--data", config.data)],
-        write=[("--output", config.output), ("--storage-path", config.storage_path)],
+        write=[("--output", config.output), ("--storage-path", config.cluster.storage_path)],
     )
     if nodes > 1:
         log(f"shared storage: every local location is visible from all {nodes} nodes")
@@ -536,9 +558,9 @@ def _train(config: TrainConfig, tracker: NullTracker) -> dict:
     weights = loss_weights(splits.counts)
     log(f"training class counts {dict(splits.counts)}; class weights {weights}")
     scaling = decide_scaling(config)
-    log(f"Ray Train: {scaling.describe()}; precision {config.precision}")
+    log(f"Ray Train: {scaling.describe()}; precision {config.cluster.precision}")
     trained = fit_networks(config, splits, scaling, weights, tracker)
-    plan = plan_actors(config.num_workers, scaling.use_gpu)
+    plan = plan_actors(config.cluster.num_workers, scaling.use_gpu)
     references = fit_references(config, trained, splits, plan)
     models = {name: network.model(config.image_size) for name, network in trained.items()}
     card = build_card(config, splits, trained, references, weights, scaling)

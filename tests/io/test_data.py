@@ -101,7 +101,7 @@ def test_a_file_rewritten_in_place_changes_the_fingerprint_and_the_run_key(
     from pneumo_ray.config import TrainConfig
 
     store = _copy(synthetic_store, tmp_path)
-    config = TrainConfig(data=store, output=str(tmp_path / "bundle"))
+    config = TrainConfig.from_flat(data=store, output=str(tmp_path / "bundle"))
     before = data.fingerprint(data.list_store(store))
     victim = sorted(Path(store).rglob("*.jpeg"))[0]
     stat = victim.stat()

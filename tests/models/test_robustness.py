@@ -89,31 +89,31 @@ def test_pretrained_imagenet_weights_load_through_torchvisions_weights_api(tmp_p
 
 def test_pretrained_is_refused_for_the_seed_cnn_and_for_a_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="--pretrained needs a torchvision --architecture"):
-        TrainConfig(data="/s", output="/o", pretrained="imagenet")
+        TrainConfig.from_flat(data="/s", output="/o", pretrained="imagenet")
     with pytest.raises(ConfigError, match="--pretrained must be imagenet or a state dict file"):
-        TrainConfig(
+        TrainConfig.from_flat(
             data="/s", output="/o", architecture="resnet18", pretrained=str(tmp_path / "no.pth")
         )
     with pytest.raises(ConfigError, match="--architecture must be one of"):
-        TrainConfig(data="/s", output="/o", architecture="vgg")
+        TrainConfig.from_flat(data="/s", output="/o", architecture="vgg")
 
 
 def test_network_settings_change_the_run_key_and_the_designs_keep_it():
-    base = TrainConfig(data="/s", output="/o")
+    base = TrainConfig.from_flat(data="/s", output="/o")
     for change in (
         {"architecture": "resnet18"},
         {"normalization": "standardize"},
         {"acquisition_shift": True},
     ):
-        other = TrainConfig(data="/s", output="/o", **change)
+        other = TrainConfig.from_flat(data="/s", output="/o", **change)
         assert other.run_key("binary") != base.run_key("binary"), change
         assert other.run_key("autoencoder") == base.run_key("autoencoder"), change
-    masked = TrainConfig(data="/s", output="/o", autoencoder_masking=0.5)
+    masked = TrainConfig.from_flat(data="/s", output="/o", autoencoder_masking=0.5)
     assert masked.run_key("autoencoder") != base.run_key("autoencoder")
     assert masked.run_key("binary") == base.run_key("binary")
     # Inference-time choices do not retrain anything.
     for change in ({"tta": "flip"}, {"binary_score": "network"}, {"calibrate": False}):
-        other = TrainConfig(data="/s", output="/o", **change)
+        other = TrainConfig.from_flat(data="/s", output="/o", **change)
         assert other.run_key("binary") == base.run_key("binary"), change
 
 

@@ -26,7 +26,7 @@ def outputs(n: int, flip: float, seed: int) -> dict:
 def test_knn_k_auto_keeps_the_best_validation_k():
     # Noisy reference labels: more neighbours outvote the wrong ones.
     train, val = outputs(900, flip=0.4, seed=0), outputs(300, flip=0.0, seed=1)
-    knn, accuracy = _choose_knn(TrainConfig(data="/s", output="/o"), train, val)
+    knn, accuracy = _choose_knn(TrainConfig.from_flat(data="/s", output="/o"), train, val)
     assert knn.feature_kind == "softmax"
     assert set(accuracy) == {"softmax", "embedding"}
     assert set(accuracy["softmax"]) == {str(k) for k in KNN_K_CANDIDATES}
@@ -37,8 +37,8 @@ def test_knn_k_auto_keeps_the_best_validation_k():
 
 def test_knn_k_given_or_limited_by_the_reference_size():
     train, val = outputs(900, flip=0.4, seed=0), outputs(300, flip=0.0, seed=1)
-    knn, accuracy = _choose_knn(TrainConfig(data="/s", output="/o", knn_k=5), train, val)
+    knn, accuracy = _choose_knn(TrainConfig.from_flat(data="/s", output="/o", knn_k=5), train, val)
     assert knn.k == 5 and set(accuracy["softmax"]) == {"5"}
     small = {key: value[:20] for key, value in train.items()}
-    knn, accuracy = _choose_knn(TrainConfig(data="/s", output="/o"), small, val)
+    knn, accuracy = _choose_knn(TrainConfig.from_flat(data="/s", output="/o"), small, val)
     assert set(accuracy["softmax"]) == {"5", "15"} and knn.k in (5, 15)

@@ -190,7 +190,7 @@ def test_bad_flag_value_names_the_flag(tmp_path, job_env):
     assert result.returncode != 0 and "--image-size" in result.stderr
 
 
-def test_robustness_options_reach_the_bundle_and_load_back(subset_store, tmp_path, job_env):
+def test_robustness_options_reach_the_bundle_and_load_back(subset_store, tmp_path, embedded_env):
     """A ResNet-18 from (stand-in) ImageNet weights through --pretrained imagenet, per-image
     standardization, acquisition-shift augmentation, flip TTA and an inpainting autoencoder:
     trained, calibrated on validation, recorded in the card and loaded back."""
@@ -200,7 +200,7 @@ def test_robustness_options_reach_the_bundle_and_load_back(subset_store, tmp_pat
     from pneumo_ray.models.cnn import TorchvisionCNN
 
     write_imagenet_stand_in(tmp_path / "torch_home")
-    env = {**job_env, "TORCH_HOME": str(tmp_path / "torch_home")}
+    env = {**embedded_env, "TORCH_HOME": str(tmp_path / "torch_home")}
     bundle = tmp_path / "robust"
     result = run_job(
         "train.py", "--data", str(subset_store), "--output", str(bundle),
