@@ -7,6 +7,8 @@ workers there (pneumo_ray.runtime.fault_env).
     PNEUMO_RAY_KILL_IN_COMMIT=N         ... or while committing part N: after its .committing
                                         marker, before the part is moved into place
     PNEUMO_RAY_HOLD_AFTER_PART=N:PATH   ... or waits there until PATH exists
+    PNEUMO_RAY_HOLD_AFTER_EPOCH=NET:N:PATH  a training worker of network NET waits after it
+                                        reports epoch N (its checkpoint) until PATH exists
     PNEUMO_RAY_READ_FAULTS=TEXT:K       the first K read attempts of each image whose URI
                                         contains TEXT fail as a transient read error would
 """
@@ -21,7 +23,8 @@ KILL_AFTER_PART = "PNEUMO_RAY_KILL_AFTER_PART"
 KILL_IN_COMMIT = "PNEUMO_RAY_KILL_IN_COMMIT"
 HOLD_AFTER_PART = "PNEUMO_RAY_HOLD_AFTER_PART"
 READ_FAULTS = "PNEUMO_RAY_READ_FAULTS"
-VARIABLES = (KILL_AFTER_PART, KILL_IN_COMMIT, HOLD_AFTER_PART, READ_FAULTS)
+HOLD_AFTER_EPOCH = "PNEUMO_RAY_HOLD_AFTER_EPOCH"
+VARIABLES = (KILL_AFTER_PART, KILL_IN_COMMIT, HOLD_AFTER_PART, READ_FAULTS, HOLD_AFTER_EPOCH)
 
 
 class InjectedReadError(OSError):
@@ -37,6 +40,17 @@ def after_commit(part: int, log) -> None:
     if hold.partition(":")[0] == str(part):
         release = hold.partition(":")[2]
         log(f"{HOLD_AFTER_PART}: holding after part {part} until {release} exists")
+        while not os.path.exists(release):
+            time.sleep(0.05)
+
+
+def after_epoch(network: str, epoch: int, log) -> None:
+    """Called by a training worker once it has reported ``epoch`` (numbered from 1) of
+    ``network``, checkpoint included. A worker that resumes after that epoch never holds."""
+    name, _, rest = os.environ.get(HOLD_AFTER_EPOCH, "").partition(":")
+    number, _, release = rest.partition(":")
+    if name == network and number == str(epoch):
+        log(f"{HOLD_AFTER_EPOCH}: [{network}] holding after epoch {epoch} until {release} exists")
         while not os.path.exists(release):
             time.sleep(0.05)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -14,8 +15,12 @@ CHEST_XRAY = SHARED_DATA / "chest_xray"
 FULLRES = SHARED_DATA / "chest_xray_fullres"
 
 
+# Ray Train's controller polls its workers every 2 s by default: a run's end is noticed up to
+# 2 s late, three times per training job. Tests poll faster.
+FAST_TRAIN = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
 # A test that uses one of these starts Ray or runs a job (or trains, through `trained`).
-RAY_FIXTURES = {"ray_local", "trained", "job_env", "embedded_env", "shared_ray"}
+RAY_FIXTURES = {"ray_local", "trained", "job_env", "embedded_env", "shared_ray", "torch_home"}
 
 
 def pytest_addoption(parser):
@@ -60,40 +65,102 @@ def embedded_env() -> dict[str, str]:
     the job's own, the loopback check) and of jobs whose workers need the test's environment
     (S3 credentials, $TORCH_HOME)."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(FAST_TRAIN)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(REPO)
     return env
 
 
 @pytest.fixture(scope="session")
-def shared_ray(tmp_path_factory):
+def torch_home(tmp_path_factory) -> Path:
+    """A $TORCH_HOME holding a stand-in for torchvision's ImageNet ResNet-18 file (nothing is
+    downloaded): the shared Ray's workers and the jobs that join it see it."""
+    home = tmp_path_factory.mktemp("torch_home")
+    write_imagenet_stand_in(home)
+    return home
+
+
+S3_ACCESS = "AKIAPNEUMORAYTEST"
+S3_SECRET = "s3cr3t-key-THAT-MUST-NOT-LEAK"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on a free loopback port, for the session; yields the
+    environment that points at it (tests/test_s3.py). The shared Ray starts with it, so the
+    S3 jobs' workers read and write there as a cluster's would with its credentials."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": S3_ACCESS,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def shared_ray(torch_home, s3_server):
     """One local Ray (a head with 2 CPUs) that the job-level tests' jobs join, as a job joins a
     running cluster: about a second to connect instead of about eight to start and stop an
-    embedded Ray, for each of some fifty job runs. Stopped by its own processes (never
+    embedded Ray, for each of some fifty job runs. Its processes start with the session's
+    $TORCH_HOME, the S3 server's environment and a shorter Ray Train health-check interval (a
+    finished training run is seen in 0.2 s, not 2 s). Stopped by its own processes (never
     `ray stop`)."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={
-            "num_cpus": 2,
-            "include_dashboard": False,
-            "object_store_memory": 2 * 1024**3,
-        },
-    )
+    with environment(TORCH_HOME=str(torch_home), **FAST_TRAIN, **s3_server):
+        cluster = Cluster(
+            initialize_head=True,
+            connect=False,
+            head_node_args={
+                "num_cpus": 2,
+                "include_dashboard": False,
+                "object_store_memory": 2 * 1024**3,
+            },
+        )
     try:
         yield cluster.address
     finally:
         cluster.shutdown()
 
 
+@contextlib.contextmanager
+def environment(**values: str):
+    """``os.environ`` with ``values`` while the block runs (what processes started in it
+    inherit), restored after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
-def job_env(embedded_env, shared_ray) -> dict[str, str]:
+def job_env(embedded_env, shared_ray, torch_home) -> dict[str, str]:
     """Environment for running jobs/*.py in a subprocess that joins the session's shared Ray
     (``$RAY_ADDRESS``, as under `ray job submit`). Fault points set in it reach the workers
     (pneumo_ray.runtime.fault_env)."""
-    return {**embedded_env, "RAY_ADDRESS": shared_ray}
+    return {**embedded_env, "RAY_ADDRESS": shared_ray, "TORCH_HOME": str(torch_home)}
 
 
 def run_job(script: str, *args: str, env: dict[str, str], timeout: float = 900, cwd: Path = REPO):

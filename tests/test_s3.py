@@ -6,10 +6,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -20,37 +17,24 @@ from pneumo_ray.models.bundle import load_bundle
 from pneumo_ray.scoring import ledger
 from pneumo_ray.scoring.score import read_scores
 
-from .conftest import CHEST_XRAY, run_job
-from .test_cluster import SMALL_TRAIN, free_port, wait_for
+from .conftest import CHEST_XRAY, S3_ACCESS, S3_SECRET, run_job
+from .test_cluster import SMALL_TRAIN, wait_for
 
 BUCKET = "xrays"
-SECRET = "s3cr3t-key-THAT-MUST-NOT-LEAK"
-ACCESS = "AKIAPNEUMORAYTEST"
+SECRET, ACCESS = S3_SECRET, S3_ACCESS
 
 
 @pytest.fixture(scope="module")
-def s3_env(embedded_env, tmp_path_factory):
-    """A moto S3 server on a free loopback port, and the environment that points at it."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = {
-        **embedded_env,
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": ACCESS,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {key: os.environ.get(key) for key in env if key.startswith("AWS_")}
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+def s3_env(job_env, s3_server):
+    """The jobs' environment (the shared Ray, started with the S3 server's environment) and
+    this process's, pointed at the session's S3 server, with the test bucket made."""
+    env = {**job_env, **s3_server}
+    saved = {key: os.environ.get(key) for key in s3_server}
+    os.environ.update(s3_server)
     stores._filesystem_for.cache_clear()
     try:
         fs = pafs.S3FileSystem(
-            endpoint_override=f"127.0.0.1:{port}",
+            endpoint_override=s3_server["AWS_ENDPOINT_URL"].removeprefix("http://"),
             scheme="http",
             access_key=ACCESS,
             secret_key=SECRET,
@@ -60,8 +44,6 @@ def s3_env(embedded_env, tmp_path_factory):
         wait_for(lambda: _try_create_bucket(fs), 60, "the moto server", interval=0.2)
         yield env
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -89,7 +71,9 @@ def test_train_and_score_with_images_bundles_and_parquet_in_s3(s3_env, subset_st
     loaded = load_bundle(bundle)  # sha256 of every file checked, read through S3
     assert loaded.card["data_fingerprint"]["store"] == store
     assert stores.exists(f"{bundle}/report/metrics.json")
-    assert any("/checkpoints/binary-" in e.uri for e in stores.list_files(bundle))
+    checkpoints = [e.uri for e in stores.list_files(f"{bundle}/checkpoints")]
+    assert any("/checkpoints/networks-" in uri for uri in checkpoints)  # the Ray Train run
+    assert any("/checkpoints/results/binary-" in uri for uri in checkpoints)  # written by workers
     neighbours = loaded.knn.uris
     assert all(uri.startswith(f"s3://{BUCKET}/chest_xray/train/") for uri in neighbours)
 

@@ -37,11 +37,12 @@ from pneumo_ray.training import report
 from pneumo_ray.training.evaluation import evaluate_bundle, log, results_table, write_report
 from pneumo_ray.training.loop import (
     NETWORKS,
+    NetworkData,
     Scaling,
     TrainedNetwork,
     class_weights,
     decide_scaling,
-    fit_network,
+    fit_networks,
 )
 from pneumo_ray.training.tracking import NullTracker
 
@@ -275,29 +276,24 @@ def loss_weights(counts: Counter) -> dict[str, list[float]]:
     }
 
 
-def fit_networks(
+def train_networks(
     config: TrainConfig,
     splits: Splits,
     scaling: Scaling,
     weights: dict,
     tracker: NullTracker | None = None,
 ) -> dict[str, TrainedNetwork]:
-    """Train the three networks, one TorchTrainer run each (the autoencoder on normals);
-    each network's epochs go to the tracker as soon as it has trained."""
-    fingerprint = splits.training_fingerprint
+    """Train the three networks in one TorchTrainer run (the autoencoder on normals); their
+    epochs go to the tracker."""
     tracker = tracker or NullTracker()
-    trained = {}
-    for name in ("binary", "multiclass"):
-        trained[name] = fit_network(
-            name, config, scaling, splits.train.dataset, splits.val.dataset, weights[name],
-            fingerprint,
-        )  # fmt: skip
-        tracker.log_history(name, trained[name].history)
-    trained["autoencoder"] = fit_network(
-        "autoencoder", config, scaling, splits.normal_train, data.normal_only(splits.val), None,
-        fingerprint,
-    )  # fmt: skip
-    tracker.log_history("autoencoder", trained["autoencoder"].history)
+    networks = {
+        "binary": NetworkData(splits.train.dataset, splits.val.dataset, weights["binary"]),
+        "multiclass": NetworkData(splits.train.dataset, splits.val.dataset, weights["multiclass"]),
+        "autoencoder": NetworkData(splits.normal_train, data.normal_only(splits.val)),
+    }
+    trained = fit_networks(config, scaling, networks, splits.training_fingerprint)
+    for name, network in trained.items():
+        tracker.log_history(name, network.history)
     return trained
 
 
@@ -559,7 +555,7 @@ def _train(config: TrainConfig, tracker: NullTracker) -> dict:
     log(f"training class counts {dict(splits.counts)}; class weights {weights}")
     scaling = decide_scaling(config)
     log(f"Ray Train: {scaling.describe()}; precision {config.cluster.precision}")
-    trained = fit_networks(config, splits, scaling, weights, tracker)
+    trained = train_networks(config, splits, scaling, weights, tracker)
     plan = plan_actors(config.cluster.num_workers, scaling.use_gpu)
     references = fit_references(config, trained, splits, plan)
     models = {name: network.model(config.image_size) for name, network in trained.items()}

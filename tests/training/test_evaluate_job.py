@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
+
+from pneumo_ray.models.bundle import load_bundle
 
 from ..conftest import run_job
 from .test_train_job import MODELS
@@ -87,19 +90,45 @@ def test_evaluation_of_a_missing_split_or_bundle_fails_clearly(trained, subset_s
 
 
 def test_quality_script_trains_evaluates_and_checks_targets(subset_store, job_env, tmp_path):
+    """The quality script's smoke profile (its robustness flags: acquisition shift,
+    standardization, flip TTA, an inpainting autoencoder) with extra flags that reach
+    jobs/train.py: a ResNet-18 from (stand-in) ImageNet weights through --pretrained imagenet
+    and the inpaint anomaly score. Trained, calibrated on validation, recorded in the card,
+    evaluated against the targets, and loaded back."""
+    from pneumo_ray.models.cnn import TorchvisionCNN
+
     output = tmp_path / "quality"
     result = run_job(
         "quality.py", "--data", str(subset_store), "--output", str(output), "--profile", "smoke",
-        "--anomaly-score", "mse", env=job_env,
+        "--architecture", "resnet18", "--pretrained", "imagenet", "--anomaly-score", "inpaint",
+        env=job_env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stdout = result.stdout
     assert "profile smoke: jobs/train.py --data" in stdout
     assert re.search(r"^profile smoke: \d+ min \d+ s in all$", stdout, re.M), stdout[-2000:]
+    assert "[binary] initial weights: imagenet (resnet18)" in result.stdout + result.stderr
     card = json.loads((output / "card.json").read_text())
     assert card["image_size"] == 32 and card["training"]["config"]["limit"] == 20
-    assert card["models"]["autoencoder"]["score"] == "mse"  # extra flags reach train.py
+    spec = {"architecture": "resnet18", "normalization": "standardize"}
+    assert card["models"]["binary"]["network"] == card["models"]["multiclass"]["network"] == spec
+    assert card["preprocessing"]["normalization"] == "standardize"
+    assert card["inference"]["tta"] == "flip"
+    assert card["models"]["autoencoder"]["score"] == "inpaint"  # extra flags reach train.py
+    assert card["models"]["autoencoder"]["masking"] == 0.5
+    temperatures = card["calibration"]["temperatures"]
+    assert card["models"]["binary"]["temperature"] == temperatures["binary"] > 0
+    assert card["models"]["multiclass"]["temperature"] == temperatures["multiclass"] > 0
+    assert card["models"]["binary"]["score"] == "combined"
     metrics = json.loads((output / "report" / "metrics.json").read_text())["test"]
+    assert 0 <= metrics["binary"]["headline"]["ece"] <= 1
+    assert set(metrics["binary_cnn"]["headline"]) == {"roc_auc", "ece"}
+    assert (output / "report" / "reliability.png").stat().st_size > 0
+    predictions = pd.read_parquet(output / "report" / "predictions.parquet")
+    combined = (predictions["p_pneumonia_cnn"] + 1 - predictions["p_normal"]) / 2
+    np.testing.assert_allclose(predictions["p_pneumonia"], combined, rtol=1e-5, atol=1e-6)
+    loaded = load_bundle(str(output))
+    assert isinstance(loaded.binary, TorchvisionCNN) and loaded.tta == "flip"
     table = stdout[stdout.index("against the targets") :]
     for model, figure, target in (
         ("binary", "roc_auc", 0.95),

@@ -13,7 +13,7 @@ from pneumo_ray.models.bundle import load_bundle
 from pneumo_ray.models.cnn import binary_cnn
 from pneumo_ray.models.knn import KNN_K_CANDIDATES
 
-from ..conftest import CHEST_XRAY, CORRUPT, SIZE, TRAIN_ARGS, run_job, write_imagenet_stand_in
+from ..conftest import CHEST_XRAY, CORRUPT, SIZE, TRAIN_ARGS, run_job
 
 MODELS = ("binary", "multiclass", "knn", "autoencoder", "autoencoder_mse")
 
@@ -146,19 +146,32 @@ def test_corrupt_training_image_is_skipped_counted_and_named(trained, subset_sto
     assert f"skipped unreadable image {bad}" in output
 
 
-def test_rerun_resumes_from_the_last_checkpoints(trained, subset_store, job_env):
+def test_a_rerun_keeps_the_networks_whose_settings_did_not_change(
+    trained, subset_store, job_env, tmp_path
+):
+    """The session's training command again, with only the autoencoder's epochs changed and
+    the same checkpoint storage: the two CNNs are taken as trained (their results under their
+    own run keys), the autoencoder trains anew. (An unchanged rerun resumes from the run's
+    last checkpoint: the demo test in tests/test_paths.py.)"""
     bundle, _ = trained
     first = json.loads((bundle / "card.json").read_text())
+    output = tmp_path / "rerun"
     result = run_job(
-        "train.py", "--data", str(subset_store), "--output", str(bundle), *TRAIN_ARGS, env=job_env
-    )
+        "train.py", "--data", str(subset_store), "--output", str(output), *TRAIN_ARGS,
+        "--autoencoder-epochs", "2", "--storage-path", str(bundle / "checkpoints"), env=job_env,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout + result.stderr
-    for network in ("binary", "multiclass", "autoencoder"):
-        assert f"[{network}] resuming after epoch" in output
-    assert "epoch 1/4" not in output  # nothing retrained
-    again = json.loads((bundle / "card.json").read_text())
+    output_text = result.stdout + result.stderr
+    for network in ("binary", "multiclass"):
+        assert f"[{network}] resuming after epoch 4 from {bundle / 'checkpoints' / 'results'}" in (
+            output_text
+        ), output_text[-3000:]
+        assert f"[{network}] epoch 1/" not in output_text  # not retrained
+    assert "[autoencoder] epoch 2/2" in output_text and "[autoencoder] resuming" not in output_text
+    again = json.loads((output / "card.json").read_text())
     assert again["files"]["binary.pt"] == first["files"]["binary.pt"]
+    assert again["files"]["multiclass.pt"] == first["files"]["multiclass.pt"]
+    assert [row["epoch"] for row in again["training"]["history"]["autoencoder"]] == [1, 2]
 
 
 def test_missing_store_fails_with_a_clear_message(tmp_path, job_env):
@@ -188,47 +201,3 @@ def test_bad_flag_value_names_the_flag(tmp_path, job_env):
         timeout=120,
     )
     assert result.returncode != 0 and "--image-size" in result.stderr
-
-
-def test_robustness_options_reach_the_bundle_and_load_back(subset_store, tmp_path, embedded_env):
-    """A ResNet-18 from (stand-in) ImageNet weights through --pretrained imagenet, per-image
-    standardization, acquisition-shift augmentation, flip TTA and an inpainting autoencoder:
-    trained, calibrated on validation, recorded in the card and loaded back."""
-    import numpy as np
-    import pandas as pd
-
-    from pneumo_ray.models.cnn import TorchvisionCNN
-
-    write_imagenet_stand_in(tmp_path / "torch_home")
-    env = {**embedded_env, "TORCH_HOME": str(tmp_path / "torch_home")}
-    bundle = tmp_path / "robust"
-    result = run_job(
-        "train.py", "--data", str(subset_store), "--output", str(bundle),
-        "--image-size", "32", "--epochs", "1", "--limit", "20", "--seed", "2",
-        "--architecture", "resnet18", "--pretrained", "imagenet",
-        "--normalization", "standardize", "--acquisition-shift", "--tta", "flip",
-        "--autoencoder-masking", "0.5", "--anomaly-score", "inpaint", env=env,
-    )  # fmt: skip
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
-    assert "[binary] initial weights: imagenet (resnet18)" in output
-    card = json.loads((bundle / "card.json").read_text())
-    spec = {"architecture": "resnet18", "normalization": "standardize"}
-    assert card["models"]["binary"]["network"] == card["models"]["multiclass"]["network"] == spec
-    assert card["preprocessing"]["normalization"] == "standardize"
-    assert card["inference"]["tta"] == "flip"
-    assert card["models"]["autoencoder"]["score"] == "inpaint"
-    assert card["models"]["autoencoder"]["masking"] == 0.5
-    temperatures = card["calibration"]["temperatures"]
-    assert card["models"]["binary"]["temperature"] == temperatures["binary"] > 0
-    assert card["models"]["multiclass"]["temperature"] == temperatures["multiclass"] > 0
-    assert card["models"]["binary"]["score"] == "combined"
-    metrics = json.loads((bundle / "report" / "metrics.json").read_text())["test"]
-    assert 0 <= metrics["binary"]["headline"]["ece"] <= 1
-    assert set(metrics["binary_cnn"]["headline"]) == {"roc_auc", "ece"}
-    assert (bundle / "report" / "reliability.png").stat().st_size > 0
-    predictions = pd.read_parquet(bundle / "report" / "predictions.parquet")
-    combined = (predictions["p_pneumonia_cnn"] + 1 - predictions["p_normal"]) / 2
-    np.testing.assert_allclose(predictions["p_pneumonia"], combined, rtol=1e-5, atol=1e-6)
-    loaded = load_bundle(str(bundle))
-    assert isinstance(loaded.binary, TorchvisionCNN) and loaded.tta == "flip"
