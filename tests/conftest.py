@@ -19,6 +19,12 @@ FULLRES = SHARED_DATA / "chest_xray_fullres"
 # 2 s late, three times per training job. Tests poll faster.
 FAST_TRAIN = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
+# The test clusters that ray.cluster_utils starts have no token authentication, whatever this
+# process has seen: Ray turns it on, in the environment of the process that calls ray.init,
+# when ~/.ray/auth_token exists (left by any `ray start --head`), and a cluster started
+# afterwards from that process would require it.
+NO_TOKEN = {"RAY_AUTH_MODE": "disabled"}
+
 # A test that uses one of these starts Ray or runs a job (or trains, through `trained`).
 RAY_FIXTURES = {"ray_local", "trained", "job_env", "embedded_env", "shared_ray", "torch_home"}
 
@@ -123,7 +129,7 @@ def shared_ray(torch_home, s3_server):
     `ray stop`)."""
     from ray.cluster_utils import Cluster
 
-    with environment(TORCH_HOME=str(torch_home), **FAST_TRAIN, **s3_server):
+    with environment(TORCH_HOME=str(torch_home), **FAST_TRAIN, **s3_server, **NO_TOKEN):
         cluster = Cluster(
             initialize_head=True,
             connect=False,
@@ -160,7 +166,7 @@ def job_env(embedded_env, shared_ray, torch_home) -> dict[str, str]:
     """Environment for running jobs/*.py in a subprocess that joins the session's shared Ray
     (``$RAY_ADDRESS``, as under `ray job submit`). Fault points set in it reach the workers
     (pneumo_ray.runtime.fault_env)."""
-    return {**embedded_env, "RAY_ADDRESS": shared_ray, "TORCH_HOME": str(torch_home)}
+    return {**embedded_env, **NO_TOKEN, "RAY_ADDRESS": shared_ray, "TORCH_HOME": str(torch_home)}
 
 
 def run_job(script: str, *args: str, env: dict[str, str], timeout: float = 900, cwd: Path = REPO):

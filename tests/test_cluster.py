@@ -20,7 +20,7 @@ from pneumo_ray import faults
 from pneumo_ray.models.bundle import load_bundle
 from pneumo_ray.scoring.score import committed_runs, read_scores
 
-from .conftest import CHEST_XRAY, REPO, environment
+from .conftest import CHEST_XRAY, NO_TOKEN, REPO, environment
 
 SMALL_TRAIN = ["--image-size", "32", "--epochs", "2", "--limit", "15", "--lr-binary", "1e-3"]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -222,9 +222,9 @@ def two_nodes(embedded_env):
     from ray.cluster_utils import Cluster
 
     dashboard = free_port()
-    env = dict(embedded_env)
+    env = {**embedded_env, **NO_TOKEN}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the jobs' `python`
-    with environment(PATH=env["PATH"]):  # what the nodes' processes, and jobs, inherit
+    with environment(PATH=env["PATH"], **NO_TOKEN):  # what its processes, and jobs, inherit
         cluster = Cluster(
             initialize_head=True,
             connect=False,
@@ -261,14 +261,17 @@ def test_training_and_scoring_spread_over_two_nodes(two_nodes, subset_store, tmp
     cluster_nodes = {node.node_id for node in two_nodes.list_all_nodes()}
     for network, nodes in card["training"]["worker_nodes"].items():
         assert len(nodes) == 2 and set(nodes) == cluster_nodes, (network, nodes)
+    folder = tmp_path / "images"  # enough batches of 4 to keep both actors busy
+    folder.mkdir()
+    for source in sorted((CHEST_XRAY / "test" / "NORMAL").glob("*.jpeg"))[:48]:
+        (folder / source.name).symlink_to(source)
     log = submit(
         two_nodes.jobs, f"score-{time.time_ns()}", "jobs/score.py",
-        "--model", str(bundle),
-        "--input", str(CHEST_XRAY / "test" / "NORMAL"),  # enough batches for both actors
+        "--model", str(bundle), "--input", str(folder),
         "--output", str(scores), "--num-workers", "2", "--batch-size", "4",
     )  # fmt: skip
     df = read_scores(str(scores)).to_pandas()
-    assert len(df) == 231 and df["image_uri"].is_unique and df["error"].isna().all()
+    assert len(df) == 48 and df["image_uri"].is_unique and df["error"].isna().all()
     # One model actor on each node (the actors announce themselves when their bundle is
     # loaded), and every row was scored by one of them. Which actor takes a block is Ray
     # Data's choice: it prefers the actor on the node that holds the block while that actor
@@ -284,9 +287,7 @@ def test_training_and_scoring_spread_over_two_nodes(two_nodes, subset_store, tmp
     assert "visible from all 2 nodes" in log
 
 
-def test_a_local_output_some_nodes_cannot_see_is_refused(
-    two_nodes, trained, tmp_path, embedded_env
-):
+def test_a_local_output_some_nodes_cannot_see_is_refused(two_nodes, trained, tmp_path):
     """The driver runs in a mount namespace of its own, with a private tmpfs over the output
     folder: what it writes there, no node sees, as with a local disk on a real cluster."""
     bundle, _ = trained
@@ -303,7 +304,7 @@ def test_a_local_output_some_nodes_cannot_see_is_refused(
     result = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
         cwd=REPO,
-        env=embedded_env,
+        env=two_nodes.jobs["env"],
         capture_output=True,
         text=True,
         timeout=300,

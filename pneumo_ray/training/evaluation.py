@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 import torch
-from sklearn.metrics import roc_auc_score
+from scipy.stats import rankdata
 
 from pneumo_ray.io import data, stores
 from pneumo_ray.io.images import to_model_input
@@ -72,6 +72,24 @@ def class_index(labels: np.ndarray) -> np.ndarray:
     return _CLASS_SORTER[position]
 
 
+def roc_auc(is_positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic on average ranks: the value of sklearn's
+    ``roc_auc_score`` (ties count a half), at a fraction of its cost, which the bootstrap pays
+    thousands of times. Needs both classes."""
+    is_positive = np.asarray(is_positive, dtype=bool)
+    ranks = rankdata(score)
+    positives = int(is_positive.sum())
+    negatives = len(is_positive) - positives
+    return float(
+        (ranks[is_positive].sum() - positives * (positives + 1) / 2) / (positives * negatives)
+    )
+
+
+def _ovr_auc(truth_index: np.ndarray, probs: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC of a three-class softmax (sklearn's ``multi_class="ovr"``)."""
+    return float(np.mean([roc_auc(truth_index == k, probs[:, k]) for k in range(probs.shape[1])]))
+
+
 def _binary_figures(is_positive: np.ndarray, called: np.ndarray, score: np.ndarray) -> dict:
     figures = {
         "accuracy": float(np.mean(called == is_positive)),
@@ -80,7 +98,7 @@ def _binary_figures(is_positive: np.ndarray, called: np.ndarray, score: np.ndarr
         "roc_auc": np.nan,
     }
     if is_positive.any() and (~is_positive).any():
-        figures["roc_auc"] = float(roc_auc_score(is_positive, score))
+        figures["roc_auc"] = roc_auc(is_positive, score)
     return figures
 
 
@@ -94,13 +112,11 @@ def headline_figures(p: dict[str, np.ndarray], rows: np.ndarray | None = None) -
     probs = np.stack([p["p_normal"], p["p_bacterial"], p["p_viral"]], axis=1)
     multiclass = {"accuracy": float(np.mean(p["pred_class"] == label)), "roc_auc": np.nan}
     if len(np.unique(truth_index)) == len(CLASS_LABELS):
-        multiclass["roc_auc"] = float(
-            roc_auc_score(truth_index, probs, multi_class="ovr", labels=np.arange(3))
-        )
+        multiclass["roc_auc"] = _ovr_auc(truth_index, probs)
     mse_auc = cnn_auc = np.nan
     if is_pneumonia.any() and (~is_pneumonia).any():
-        mse_auc = float(roc_auc_score(is_pneumonia, p["reconstruction_mse"]))
-        cnn_auc = float(roc_auc_score(is_pneumonia, p["p_pneumonia_cnn"]))
+        mse_auc = roc_auc(is_pneumonia, p["reconstruction_mse"])
+        cnn_auc = roc_auc(is_pneumonia, p["p_pneumonia_cnn"])
     binary = _binary_figures(is_pneumonia, p["pred_binary"] == "pneumonia", p["p_pneumonia"])
     binary["ece"] = expected_calibration_error(p["p_pneumonia"], is_pneumonia)
     binary_cnn = {

@@ -435,14 +435,11 @@ def train_loop_per_worker(loop: dict) -> None:
     finished: dict[str, dict] = {}
     for network in loop["networks"]:
         name = network["network"]
-        state, origin = states.get(name), source
-        if state is None and stores.exists(network["result_uri"]):
-            # Trained with these settings on these data by an earlier run (of other networks).
-            state, origin = _read_state(network["result_uri"]), network["result_uri"]
+        state = states.get(name)
         if state is not None and _finished(state, network):
             finished[name] = state
             if ray.train.get_context().get_world_rank() == 0:
-                _progress(f"[{name}] resuming after epoch {state['epoch']} from {origin}")
+                _progress(f"[{name}] resuming after epoch {state['epoch']} from {source}")
             continue
         run = start_worker_run(network, state, source)
         train_shard = ray.train.get_dataset_shard(network["train_set"])
@@ -642,28 +639,52 @@ def fit_networks(
                 "precision": config.cluster.precision,
             }
         )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"networks": networks},
-        scaling_config=scaling.scaling_config(),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
-        run_config=_run_config(config, run_name(config, list(data), data_fingerprint)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{', '.join(data)}: training reported no checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        states = load_state(os.path.join(directory, STATE_FILE))["states"]
+    # A network trained before with these settings on these data (its result under its own
+    # run key) is not trained again; with none left, Ray Train does not start at all.
+    results = {}
+    for network in networks:
+        name, uri = network["network"], network["result_uri"]
+        if stores.exists(uri):
+            results[name] = _read_state(uri)
+            print(f"[{name}] resuming after epoch {results[name]['epoch']} from {uri}", flush=True)
+    to_train = [network for network in networks if network["network"] not in results]
+    if to_train:
+        results.update(
+            _fit(
+                config, scaling, to_train, datasets, run_name(config, list(data), data_fingerprint)
+            )
+        )
     trained = {}
     for network in data:
-        state = states[network]
+        state = results[network]
         spec = {k: v for k, v in config.network_spec(network).items() if k != "pretrained"}
         trained[network] = TrainedNetwork(
             network, state["best"], state["history"], state["best_epoch"],
             state["worker_nodes"], spec,
         )  # fmt: skip
     return trained
+
+
+def _fit(
+    config: TrainConfig, scaling: Scaling, networks: list[dict], datasets: dict, name: str
+) -> dict[str, dict]:
+    """One TorchTrainer run of ``networks`` (in turn); each one's final state."""
+    used = {network[key] for network in networks for key in ("train_set", "val_set")}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"networks": networks},
+        scaling_config=scaling.scaling_config(),
+        datasets={key: value for key, value in datasets.items() if key in used},
+        dataset_config=DataConfig(datasets_to_split="all"),
+        run_config=_run_config(config, name),
+    )
+    result = trainer.fit()
+    names = [network["network"] for network in networks]
+    if result.checkpoint is None:
+        raise RuntimeError(f"{', '.join(names)}: training reported no checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        states = load_state(os.path.join(directory, STATE_FILE))["states"]
+    return {name: states[name] for name in names}
 
 
 def fit_network(

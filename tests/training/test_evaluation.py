@@ -147,3 +147,19 @@ def test_figures_of_a_one_class_split_are_written_as_strict_json(tmp_path):
     loaded = json.loads(path.read_text(), parse_constant=reject)
     assert loaded["headline"]["binary"]["roc_auc"] is None
     assert loaded["headline"]["binary"]["sensitivity"] == figures["binary"]["sensitivity"]
+
+
+def test_the_fast_roc_auc_is_sklearns_with_ties_and_for_three_classes():
+    from pneumo_ray.training.evaluation import _ovr_auc, roc_auc
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        truth = rng.integers(0, 2, size=60).astype(bool)
+        truth[:2] = [True, False]
+        score = np.round(rng.random(60), 1)  # many ties
+        assert roc_auc(truth, score) == pytest.approx(roc_auc_score(truth, score), abs=1e-12)
+    classes = rng.integers(0, 3, size=90)
+    classes[:3] = [0, 1, 2]
+    probs = rng.dirichlet([1, 1, 1], size=90)
+    expected = roc_auc_score(classes, probs, multi_class="ovr", labels=np.arange(3))
+    assert _ovr_auc(classes, probs) == pytest.approx(expected, abs=1e-12)
