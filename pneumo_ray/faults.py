@@ -38,10 +38,14 @@ def after_commit(part: int, log) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     hold = os.environ.get(HOLD_AFTER_PART, "")
     if hold.partition(":")[0] == str(part):
-        release = hold.partition(":")[2]
-        log(f"{HOLD_AFTER_PART}: holding after part {part} until {release} exists")
-        while not os.path.exists(release):
-            time.sleep(0.05)
+        _hold(f"{HOLD_AFTER_PART}: holding after part {part}", hold.partition(":")[2], log)
+
+
+def _hold(what: str, release: str, log) -> None:
+    """Wait until the file ``release`` exists (the test's signal), saying so once."""
+    log(f"{what} until {release} exists")
+    while not os.path.exists(release):
+        time.sleep(0.05)
 
 
 def after_epoch(network: str, epoch: int, log) -> None:
@@ -50,9 +54,7 @@ def after_epoch(network: str, epoch: int, log) -> None:
     name, _, rest = os.environ.get(HOLD_AFTER_EPOCH, "").partition(":")
     number, _, release = rest.partition(":")
     if name == network and number == str(epoch):
-        log(f"{HOLD_AFTER_EPOCH}: [{network}] holding after epoch {epoch} until {release} exists")
-        while not os.path.exists(release):
-            time.sleep(0.05)
+        _hold(f"{HOLD_AFTER_EPOCH}: [{network}] holding after epoch {epoch}", release, log)
 
 
 def in_commit(part: int) -> None:

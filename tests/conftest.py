@@ -4,6 +4,8 @@ import contextlib
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -182,6 +184,26 @@ def run_job(script: str, *args: str, env: dict[str, str], timeout: float = 900, 
         text=True,
         timeout=timeout,
     )
+
+
+def start_job(script, args, env, log, cwd=REPO):
+    """``jobs/<script>`` in its own process group (to stop what it started, and only that),
+    output to a file: a pipe nobody reads could fill and stall it."""
+    sink = open(log, "w")  # noqa: SIM115 (the child holds it; closed when the test ends)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / script), *args],
+        cwd=cwd,
+        env=env,
+        stdout=sink,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_group(process):
+    """SIGKILL what is left of a job's process group (its embedded Ray), by the group id."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 SIZE = 64

@@ -20,7 +20,7 @@ from pneumo_ray import faults
 from pneumo_ray.models.bundle import load_bundle
 from pneumo_ray.scoring.score import committed_runs, read_scores
 
-from .conftest import CHEST_XRAY, NO_TOKEN, REPO, environment
+from .conftest import CHEST_XRAY, NO_TOKEN, REPO, environment, start_job, stop_group
 
 SMALL_TRAIN = ["--image-size", "32", "--epochs", "2", "--limit", "15", "--lr-binary", "1e-3"]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -346,21 +346,13 @@ def _run_job_and_kill(script: str, args: list[str], env, log: Path, match: str, 
     """Run ``jobs/<script>``; once ``ready()``, SIGKILL a process matching ``match``; return the
     job's output after it ends (it must succeed). Output goes to a file: a pipe nobody reads
     while we wait could fill and stall the job."""
-    with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "jobs" / script), *args],
-            cwd=REPO,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            _kill_when(process, match, ready)
-            process.wait(timeout=900)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+    process = start_job(script, args, env, log)
+    try:
+        _kill_when(process, match, ready)
+        process.wait(timeout=900)
+    finally:
+        if process.poll() is None:
+            stop_group(process)
     output = log.read_text()
     assert process.returncode == 0, output[-4000:]
     return output

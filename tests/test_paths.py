@@ -41,8 +41,8 @@ from pneumo_ray.scoring.score import (
     _Stop,
 )
 
-from .conftest import CHEST_XRAY, REPO
-from .scoring.test_score import link_images, score, score_args, start_job, stop_group
+from .conftest import CHEST_XRAY, REPO, start_job, stop_group
+from .scoring.test_score import link_images, score, score_args
 from .test_cluster import wait_for
 
 # --- the one form of a location ---------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import time
@@ -17,7 +16,7 @@ from pneumo_ray.models.bundle import load_bundle
 from pneumo_ray.scoring import ledger
 from pneumo_ray.scoring.score import read_scores
 
-from .conftest import CHEST_XRAY, S3_ACCESS, S3_SECRET, run_job
+from .conftest import CHEST_XRAY, S3_ACCESS, S3_SECRET, environment, run_job
 from .test_cluster import SMALL_TRAIN, wait_for
 
 BUCKET = "xrays"
@@ -28,27 +27,20 @@ SECRET, ACCESS = S3_SECRET, S3_ACCESS
 def s3_env(job_env, s3_server):
     """The jobs' environment (the shared Ray, started with the S3 server's environment) and
     this process's, pointed at the session's S3 server, with the test bucket made."""
-    env = {**job_env, **s3_server}
-    saved = {key: os.environ.get(key) for key in s3_server}
-    os.environ.update(s3_server)
-    stores._filesystem_for.cache_clear()
     try:
-        fs = pafs.S3FileSystem(
-            endpoint_override=s3_server["AWS_ENDPOINT_URL"].removeprefix("http://"),
-            scheme="http",
-            access_key=ACCESS,
-            secret_key=SECRET,
-            region="us-east-1",
-            allow_bucket_creation=True,
-        )
-        wait_for(lambda: _try_create_bucket(fs), 60, "the moto server", interval=0.2)
-        yield env
+        with environment(**s3_server):
+            stores._filesystem_for.cache_clear()
+            fs = pafs.S3FileSystem(
+                endpoint_override=s3_server["AWS_ENDPOINT_URL"].removeprefix("http://"),
+                scheme="http",
+                access_key=ACCESS,
+                secret_key=SECRET,
+                region="us-east-1",
+                allow_bucket_creation=True,
+            )
+            wait_for(lambda: _try_create_bucket(fs), 60, "the moto server", interval=0.2)
+            yield {**job_env, **s3_server}
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         stores._filesystem_for.cache_clear()
 
 

@@ -1,9 +1,10 @@
 """Ray Train: data-parallel training of the three networks over Ray Data shards.
 
-Each network is one ``TorchTrainer`` run. Workers read their shard of the decoded images with
-``iter_torch_batches``, augment on the fly (the CNNs), train with DDP, and report each epoch
-with a checkpoint from rank 0. A rerun with the same settings and storage resumes from the last
-checkpoint; a worker lost mid-run is replaced and training goes on from the last checkpoint.
+The networks train in turn in one ``TorchTrainer`` run. Workers read their shard of the decoded
+images with ``iter_torch_batches``, augment on the fly (the CNNs), train with DDP, and report
+each epoch with a checkpoint from rank 0. A rerun with the same settings and storage resumes
+from the last checkpoint, and takes a network whose result is kept under its own run key as
+trained; a worker lost mid-run is replaced and training goes on from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -171,9 +172,16 @@ def to_cpu(value):
     return value
 
 
-def load_state(path: str) -> dict:
-    """A training state saved by ``save_state`` (or by any device), onto the CPU."""
-    return torch.load(path, weights_only=True, map_location="cpu")
+def load_state(uri: str) -> dict:
+    """A training state saved by ``torch.save`` (on any device), from a local path or s3:// URI,
+    onto the CPU."""
+    return torch.load(io.BytesIO(stores.read_bytes(uri)), weights_only=True, map_location="cpu")
+
+
+def save_state(state: dict, uri: str) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    stores.write_bytes(uri, buffer.getvalue())
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -324,10 +332,6 @@ def _finished(state: dict, loop: dict) -> bool:
     return state["epoch"] >= loop["epochs"] or state["stopped"]
 
 
-def _read_state(uri: str) -> dict:
-    return torch.load(io.BytesIO(stores.read_bytes(uri)), weights_only=True, map_location="cpu")
-
-
 def _checkpointed() -> tuple[dict[str, dict], str]:
     """The states of the networks in the last checkpoint (none without one), and where it is.
 
@@ -422,7 +426,7 @@ def report_epoch(run: WorkerRun, metrics: dict, finished: dict[str, dict]) -> No
     run.state["schedule"] = run.schedule.state_dict() if run.schedule is not None else {}
     saved = {"states": {**finished, run.name: run.state}}
     with tempfile.TemporaryDirectory() as directory:
-        torch.save(saved, os.path.join(directory, STATE_FILE))
+        save_state(saved, os.path.join(directory, STATE_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
     faults.after_epoch(run.name, run.state["epoch"], _progress)
 
@@ -437,9 +441,10 @@ def train_loop_per_worker(loop: dict) -> None:
         name = network["network"]
         state = states.get(name)
         if state is not None and _finished(state, network):
-            finished[name] = state
-            if ray.train.get_context().get_world_rank() == 0:
+            rank = ray.train.get_context().get_world_rank()
+            if rank == 0:
                 _progress(f"[{name}] resuming after epoch {state['epoch']} from {source}")
+            _keep_result(finished, network, state, rank)
             continue
         run = start_worker_run(network, state, source)
         train_shard = ray.train.get_dataset_shard(network["train_set"])
@@ -454,14 +459,19 @@ def train_loop_per_worker(loop: dict) -> None:
             val_totals = validate(run, val_shard, recent)
             totals = _all_reduce_sum(train_totals + val_totals, run.device)
             report_epoch(run, record_epoch(run, totals, seconds, lr), finished)
-        # Kept for the checkpoints of the networks after it: the result, not the optimizer;
-        # and under the network's own run key, for a later run that trains it with the same
-        # settings beside networks with other settings.
-        finished[name] = {k: v for k, v in run.state.items() if k not in ("optimizer", "model")}
-        if run.rank == 0:
-            buffer = io.BytesIO()
-            torch.save(finished[name], buffer)
-            stores.write_bytes(network["result_uri"], buffer.getvalue())
+        _keep_result(finished, network, run.state, run.rank)
+
+
+def _keep_result(finished: dict[str, dict], network: dict, state: dict, rank: int) -> None:
+    """A finished network's result (its state less the weights in training and the optimizer):
+    in ``finished``, for the checkpoints of the networks after it, and (rank 0) under the
+    network's own run key, for a later run that trains it with the same settings beside
+    networks with other settings."""
+    finished[network["network"]] = result = {
+        key: value for key, value in state.items() if key not in ("optimizer", "model")
+    }
+    if rank == 0:
+        save_state(result, network["result_uri"])
 
 
 @dataclass
@@ -555,10 +565,9 @@ def checkpoint_storage(config: TrainConfig) -> str:
     return config.cluster.storage_path or stores.join(config.output, "checkpoints")
 
 
-def run_name(config: TrainConfig, networks: list[str], data_fingerprint: dict | None) -> str:
-    """The Ray Train run of ``networks`` trained together: the same settings on the same data
-    resume the same run (one network alone: its own run key)."""
-    keys = [config.run_key(network, data_fingerprint) for network in networks]
+def run_name(keys: list[str]) -> str:
+    """The Ray Train run of networks trained together, from their run keys (TrainConfig.run_key):
+    the same settings on the same data resume the same run (one network alone: its own key)."""
     if len(keys) == 1:
         return keys[0]
     return "networks-" + hashlib.sha256("|".join(keys).encode()).hexdigest()[:10]
@@ -599,6 +608,7 @@ def fit_networks(
     per network (about 8 s each on this machine's CPUs). Datasets that several networks share
     are split once."""
     storage = checkpoint_storage(config)
+    keys = {network: config.run_key(network, data_fingerprint) for network in data}
     datasets: dict[str, ray.data.Dataset] = {}
 
     def dataset_name(dataset: ray.data.Dataset, kind: str) -> str:
@@ -615,9 +625,7 @@ def fit_networks(
         networks.append(
             {
                 "network": network,
-                "result_uri": stores.join(
-                    storage, "results", f"{config.run_key(network, data_fingerprint)}.pt"
-                ),
+                "result_uri": stores.join(storage, "results", f"{keys[network]}.pt"),
                 "train_set": dataset_name(entry.train, "train"),
                 "val_set": dataset_name(entry.val, "val"),
                 "image_size": config.image_size,
@@ -645,15 +653,11 @@ def fit_networks(
     for network in networks:
         name, uri = network["network"], network["result_uri"]
         if stores.exists(uri):
-            results[name] = _read_state(uri)
+            results[name] = load_state(uri)
             print(f"[{name}] resuming after epoch {results[name]['epoch']} from {uri}", flush=True)
     to_train = [network for network in networks if network["network"] not in results]
     if to_train:
-        results.update(
-            _fit(
-                config, scaling, to_train, datasets, run_name(config, list(data), data_fingerprint)
-            )
-        )
+        results.update(_fit(config, scaling, to_train, datasets, run_name(list(keys.values()))))
     trained = {}
     for network in data:
         state = results[network]

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -20,7 +16,7 @@ from PIL import Image
 from pneumo_ray import faults
 from pneumo_ray.scoring.score import OUTPUT_SCHEMA, committed_runs, read_scores, recover
 
-from ..conftest import CHEST_XRAY, FULLRES, REPO, run_job
+from ..conftest import CHEST_XRAY, FULLRES, REPO, run_job, start_job, stop_group
 from ..dicom import write_dicom
 from ..test_cluster import wait_for
 
@@ -182,26 +178,6 @@ def test_manifest_input_and_missing_files(trained, tmp_path, job_env):
     assert len(df) == 4
     assert "no such file" in df.loc[str(missing), "error"]
     assert df.drop(index=str(missing))["error"].isna().all()
-
-
-def start_job(script, args, env, log, cwd=REPO):
-    """``jobs/<script>`` in its own process group (to stop what it started, and only that),
-    output to a file: a pipe nobody reads could fill and stall it."""
-    sink = open(log, "w")  # noqa: SIM115 (the child holds it; closed when the test ends)
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / script), *args],
-        cwd=cwd,
-        env=env,
-        stdout=sink,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop_group(process):
-    """SIGKILL what is left of a job's process group (its embedded Ray), by the group id."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def score_args(bundle, folder, output, *extra):
