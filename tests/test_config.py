@@ -101,5 +101,5 @@ def test_each_group_is_checked_once_every_override_is_in_place():
         TrainConfig.from_flat(data="/s", output="/o", binary=NetworkConfig(0, 1e-3))
     with pytest.raises(ConfigError, match="--precision"):
         TrainConfig.from_flat(data="/s", output="/o", precision="fp64")
-    with pytest.raises(ConfigError, match="--pretrained needs a torchvision"):
+    with pytest.raises(ConfigError, match="--pretrained needs a pretrained --architecture"):
         TrainConfig.from_flat(data="/s", output="/o", pretrained="imagenet")

@@ -37,6 +37,8 @@ SCORE_DESCRIPTIONS = {
     "inpaint": "mean squared error of patches hidden from the autoencoder and filled in from "
     "their context (8x8 patch grid, four complementary masks)",
     "mse": "mean squared pixel reconstruction error (the design's score)",
+    "patchcore": "PatchCore: distance of the image's patches (frozen ImageNet EfficientNet-Lite "
+    "features) to the nearest in a coreset of normal training patches, reduced per image",
 }
 INPAINT_GRID = 8  # patches per side
 INPAINT_MASKS = 4  # mask m hides the patches (i, j) with (i % 2) * 2 + j % 2 == m

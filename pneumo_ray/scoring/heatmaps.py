@@ -36,6 +36,8 @@ def cam_layer(model: nn.Module) -> nn.Module:
         return features[-1][2]  # last block's BatchNorm: conv -> ReLU -> BN, before the pool
     if hasattr(features, "layer4"):  # resnets
         return features.layer4
+    if hasattr(features, "_blocks"):  # EfficientNet-Lite: its last block (stride 32)
+        return features._blocks[-1]
     return features.features  # densenet, efficientnet
 
 

