@@ -35,8 +35,9 @@ from pneumo_ray.io.labels import CLASS_LABELS  # noqa: E402
 from pneumo_ray.io.stores import StoreError  # noqa: E402
 from pneumo_ray.models.autoencoder import ConvAutoencoder  # noqa: E402
 from pneumo_ray.models.bundle import Bundle, load_bundle, write_bundle  # noqa: E402
-from pneumo_ray.models.cnn import binary_cnn, multiclass_cnn
-from pneumo_ray.models.knn import KnnReference
+from pneumo_ray.models.knn import KnnReference  # noqa: E402
+from pneumo_ray.models.networks import build_network  # noqa: E402
+from pneumo_ray.models.patchcore import CORESET_MAX, PatchFeatures, PatchMemory  # noqa: E402
 from pneumo_ray.models.predict import plan_actors  # noqa: E402
 from pneumo_ray.runtime import init_ray  # noqa: E402
 from pneumo_ray.scoring.score import ScoreConfig, run_scoring  # noqa: E402
@@ -69,10 +70,18 @@ def replicate(source: Path, count: int, target: Path) -> Path:
     return target
 
 
-def untrained_bundle(image_size: int, uri: str, binary: torch.nn.Module | None = None) -> str:
+def untrained_bundle(
+    image_size: int,
+    uri: str,
+    binary: torch.nn.Module | None = None,
+    architecture: str = "seed",
+    patchcore: bool = False,
+) -> str:
     """A bundle of the right shapes (untrained networks, a KNN over random features) at
     ``uri``: throughput does not depend on the weights. ``binary``: a trained binary network
-    to use instead of an untrained one."""
+    to use instead of an untrained one; ``architecture``: the two CNNs'; ``patchcore``: the
+    PatchCore anomaly score (ImageNet Lite0 patch features, a full-size memory bank of random
+    patches) instead of the autoencoder's pixel MSE."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     references = 4000  # about the size of a real training set
@@ -83,20 +92,32 @@ def untrained_bundle(image_size: int, uri: str, binary: torch.nn.Module | None =
         k=5,
         feature_kind="softmax",
     )
+    spec = {"architecture": architecture}
     card = {
         "image_size": image_size,
         "models": {
-            "binary": {"threshold": 0.5},
+            "binary": {"threshold": 0.5, "network": spec},
+            "multiclass": {"network": spec},
             # The design's pixel MSE: the latent score would need a normal reference set.
-            "autoencoder": {"threshold": 0.01, "score": "mse"},
+            "autoencoder": {"threshold": 0.01, "score": "patchcore" if patchcore else "mse"},
         },
     }
+    extractor = memory = None
+    if patchcore:
+        extractor = PatchFeatures("efficientnet_lite0", pretrained=False)
+        card["models"]["patchcore"] = {"architecture": "efficientnet_lite0"}
+        with torch.inference_mode():
+            dim = extractor.features(torch.zeros(1, 1, image_size, image_size)).shape[-1]
+        memory = PatchMemory(rng.random((CORESET_MAX, dim), np.float32), image_size // 16)
+        extractor.set_memory(memory.features)
     bundle = Bundle(
         card,
-        (binary or binary_cnn(image_size)).eval(),
-        multiclass_cnn(image_size).eval(),
+        (binary or build_network("binary", image_size, spec)).eval(),
+        build_network("multiclass", image_size, spec).eval(),
         ConvAutoencoder(image_size).eval(),
         knn,
+        patchcore=extractor,
+        patch_memory=memory,
     )
     write_bundle(bundle, uri)
     return uri

@@ -2,8 +2,10 @@
 
     python benchmarks/device_check.py --data STORE --fullres FOLDER [--images 5000] [--output DIR]
 
-1. Trains the binary network for one epoch at 224x224 with ``--use-gpu``, once in bf16 and
-   once in fp32 (Ray Train, one GPU worker): images/s and peak GPU memory of each.
+1. Trains the binary network of the ``gpu`` quality profile (EfficientNet-Lite2 from its
+   packaged ImageNet weights at 256 px; ``--architecture seed`` for the design's CNN) for one
+   epoch with ``--use-gpu``, once in bf16 and once in fp32 (Ray Train, one GPU worker):
+   images/s and peak GPU memory of each.
 2. Scores ``--images`` full-resolution X-rays (FOLDER's files replicated by symbolic links)
    with GPU model actors, once with CPU decode (Ray Data tasks) and once with GPU decode
    (nvJPEG in the actors): images/s and peak GPU memory of each.
@@ -31,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.benchmark_score import replicate, untrained_bundle  # noqa: E402
-from pneumo_ray.config import TrainConfig  # noqa: E402
+from pneumo_ray.config import ARCHITECTURES, LITE_ARCHITECTURES, TrainConfig  # noqa: E402
 from pneumo_ray.io import data  # noqa: E402
 from pneumo_ray.io.labels import split_by_patient  # noqa: E402
 from pneumo_ray.runtime import init_ray  # noqa: E402
@@ -53,7 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="labelled store (Kaggle layout)")
     parser.add_argument("--fullres", required=True, help="folder of full-resolution JPEGs")
     parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=256, help="the gpu profile's")
+    parser.add_argument(
+        "--architecture",
+        default="efficientnet_lite2",
+        choices=ARCHITECTURES,
+        help="the CNNs' (default: the gpu profile's, from ImageNet weights where it has them)",
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="scoring batch")
     parser.add_argument("--output", default="out/device_check")
     parser.add_argument("--cpu", action="store_true", help="no GPU: check the script itself")
@@ -100,6 +108,9 @@ def train_binary(args, precision: str, splits) -> dict:
         use_gpu=not args.cpu,
         precision=precision,
         num_workers=1,
+        architecture=args.architecture,
+        pretrained="imagenet" if args.architecture in LITE_ARCHITECTURES else None,
+        backbone_lr_scale=0.1 if args.architecture in LITE_ARCHITECTURES else 1.0,
     )
     scaling = Scaling(1, 1, use_gpu=not args.cpu, cpus_per_worker=4 if not args.cpu else 1)
     train, val = splits
@@ -191,7 +202,9 @@ def main(args: argparse.Namespace) -> dict:
     binary = next(iter(trained.values())).model(args.image_size)
     # The trained binary network with untrained three-class and autoencoder networks and a
     # KNN over random features: every model runs, as in a real bundle.
-    bundle = untrained_bundle(args.image_size, str(out / "bundle"), binary=binary)
+    bundle = untrained_bundle(
+        args.image_size, str(out / "bundle"), binary=binary, architecture=args.architecture
+    )
     originals = len(list(Path(args.fullres).rglob("*.jpeg")))
     many = replicate(Path(args.fullres), args.images, out / "images")
     once = replicate(Path(args.fullres), originals, out / "originals")

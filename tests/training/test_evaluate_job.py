@@ -92,30 +92,49 @@ def test_evaluation_of_a_missing_split_or_bundle_fails_clearly(trained, subset_s
 def test_quality_script_trains_evaluates_and_checks_targets(subset_store, job_env, tmp_path):
     """The quality script's smoke profile (its robustness flags: acquisition shift,
     standardization, flip TTA, an inpainting autoencoder) with extra flags that reach
-    jobs/train.py: a ResNet-18 from (stand-in) ImageNet weights through --pretrained imagenet
-    and the inpaint anomaly score. Trained, calibrated on validation, recorded in the card,
-    evaluated against the targets, and loaded back."""
-    from pneumo_ray.models.cnn import TorchvisionCNN
+    jobs/train.py: the lite profile's fine-tuning of EfficientNet-Lite0 from its packaged
+    ImageNet weights (frozen early blocks, layer-wise rates, KNN features by validation) and
+    the patchcore anomaly score. Trained, calibrated on validation, recorded in the card with
+    the weights' package and sha256, evaluated against the targets, and loaded back."""
+    from pneumo_ray.models.cnn import LiteCNN
+    from pneumo_ray.models.efficientnet_lite import packaged_weights
 
     output = tmp_path / "quality"
     result = run_job(
         "quality.py", "--data", str(subset_store), "--output", str(output), "--profile", "smoke",
-        "--architecture", "resnet18", "--pretrained", "imagenet", "--anomaly-score", "inpaint",
+        "--architecture", "efficientnet_lite0", "--pretrained", "imagenet",
+        "--freeze-blocks", "5", "--backbone-lr-scale", "0.1", "--knn-features", "auto",
+        "--anomaly-score", "patchcore",
         env=job_env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stdout = result.stdout
     assert "profile smoke: jobs/train.py --data" in stdout
     assert re.search(r"^profile smoke: \d+ min \d+ s in all$", stdout, re.M), stdout[-2000:]
-    assert "[binary] initial weights: imagenet (resnet18)" in result.stdout + result.stderr
+    assert "[binary] initial weights: imagenet (efficientnet_lite0)" in stdout + result.stderr
     card = json.loads((output / "card.json").read_text())
     assert card["image_size"] == 32 and card["training"]["config"]["limit"] == 20
-    spec = {"architecture": "resnet18", "normalization": "standardize"}
+    spec = {
+        "architecture": "efficientnet_lite0",
+        "normalization": "standardize",
+        "freeze_blocks": 5,
+    }
     assert card["models"]["binary"]["network"] == card["models"]["multiclass"]["network"] == spec
+    weights = packaged_weights("efficientnet_lite0").provenance()
+    assert card["models"]["binary"]["initial_weights"] == weights
+    assert weights["sha256"] == "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+    assert card["training"]["config"]["backbone_lr_scale"] == 0.1
+    assert card["models"]["knn"]["feature_rule"].startswith("--knn-features auto")
     assert card["preprocessing"]["normalization"] == "standardize"
     assert card["inference"]["tta"] == "flip"
-    assert card["models"]["autoencoder"]["score"] == "inpaint"  # extra flags reach train.py
-    assert card["models"]["autoencoder"]["masking"] == 0.5
+    autoencoder = card["models"]["autoencoder"]
+    assert autoencoder["score"] == "patchcore"  # extra flags reach train.py
+    assert autoencoder["masking"] == 0.5
+    assert set(autoencoder["scores"]) == {"latent", "inpaint", "mse", "patchcore"}
+    patchcore = card["models"]["patchcore"]
+    assert patchcore["initial_weights"] == weights and patchcore["grid"] == 2
+    assert patchcore["reduction"] in ("max", "top5")
+    assert {"patchcore.pt", "patchcore_memory.parquet"} <= set(card["files"])
     temperatures = card["calibration"]["temperatures"]
     assert card["models"]["binary"]["temperature"] == temperatures["binary"] > 0
     assert card["models"]["multiclass"]["temperature"] == temperatures["multiclass"] > 0
@@ -128,12 +147,13 @@ def test_quality_script_trains_evaluates_and_checks_targets(subset_store, job_en
     combined = (predictions["p_pneumonia_cnn"] + 1 - predictions["p_normal"]) / 2
     np.testing.assert_allclose(predictions["p_pneumonia"], combined, rtol=1e-5, atol=1e-6)
     loaded = load_bundle(str(output))
-    assert isinstance(loaded.binary, TorchvisionCNN) and loaded.tta == "flip"
+    assert isinstance(loaded.binary, LiteCNN) and loaded.tta == "flip"
+    assert loaded.patchcore is not None and loaded.anomaly_score_kind == "patchcore"
     table = stdout[stdout.index("against the targets") :]
     for model, figure, target in (
-        ("binary", "roc_auc", 0.95),
-        ("multiclass", "accuracy", 0.80),
-        ("autoencoder", "roc_auc", 0.80),
+        ("binary", "roc_auc", 0.965),
+        ("multiclass", "accuracy", 0.82),
+        ("autoencoder", "roc_auc", 0.85),
     ):
         line = next(
             line for line in table.splitlines() if line.startswith(model) and figure in line
