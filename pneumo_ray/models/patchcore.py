@@ -66,7 +66,9 @@ class PatchFeatures(nn.Module):
         patches = self.features(x)
         if self.memory is None:
             return patches
-        return nearest_distances(patches, self.memory.to(patches.device))
+        if self.memory.device != patches.device:  # moved once, not per batch
+            self.memory = self.memory.to(patches.device)
+        return nearest_distances(patches, self.memory)
 
     def set_memory(self, memory: np.ndarray | torch.Tensor | None) -> PatchFeatures:
         self.memory = None if memory is None else torch.as_tensor(memory, dtype=torch.float32)
