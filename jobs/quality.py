@@ -37,7 +37,7 @@ ROBUSTNESS = [
 # before the run that tests them (no profile was chosen on test figures): 224 px (the test
 # images' own size); the stem and the first 5 blocks (through the stride-8 stage) frozen with
 # their ImageNet BatchNorm statistics, which makes a training step about 2.7x faster here
-# (33 against 12.5 images/s at batch 32, two runs of a step timing); the backbone at a
+# (33-39 against 12.5-14 images/s at batch 32, benchmarks/benchmark_finetune.py); the backbone at a
 # tenth of the head's learning rate; 5 epochs per CNN with cosine decay (the best validation
 # epoch is kept); the KNN on softmax or the fine-tuned embedding, whichever validation
 # prefers; PatchCore among the anomaly scores (auto: the highest validation AUC).
