@@ -76,12 +76,14 @@ def untrained_bundle(
     binary: torch.nn.Module | None = None,
     architecture: str = "seed",
     patchcore: bool = False,
+    tta: str = "none",
 ) -> str:
     """A bundle of the right shapes (untrained networks, a KNN over random features) at
     ``uri``: throughput does not depend on the weights. ``binary``: a trained binary network
     to use instead of an untrained one; ``architecture``: the two CNNs'; ``patchcore``: the
     PatchCore anomaly score (ImageNet Lite0 patch features, a full-size memory bank of random
-    patches) instead of the autoencoder's pixel MSE."""
+    patches) instead of the autoencoder's pixel MSE; ``tta``: the CNNs' test-time
+    augmentation."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     references = 4000  # about the size of a real training set
@@ -95,6 +97,7 @@ def untrained_bundle(
     spec = {"architecture": architecture}
     card = {
         "image_size": image_size,
+        "inference": {"tta": tta},
         "models": {
             "binary": {"threshold": 0.5, "network": spec},
             "multiclass": {"network": spec},
@@ -108,7 +111,9 @@ def untrained_bundle(
         card["models"]["patchcore"] = {"architecture": "efficientnet_lite0"}
         with torch.inference_mode():
             dim = extractor.features(torch.zeros(1, 1, image_size, image_size)).shape[-1]
-        memory = PatchMemory(rng.random((CORESET_MAX, dim), np.float32), image_size // 16)
+        memory = PatchMemory(
+            rng.random((CORESET_MAX, dim), np.float32), PatchFeatures.grid(image_size)
+        )
         extractor.set_memory(memory.features)
     bundle = Bundle(
         card,

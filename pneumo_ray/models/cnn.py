@@ -21,6 +21,7 @@ from pneumo_ray.config import (
     NORMALIZATIONS,
     TORCHVISION_ARCHITECTURES,
 )
+from pneumo_ray.models.stems import one_channel_stem
 
 FILTERS = (32, 64, 128, 256)
 EMBEDDING_DIM = 128
@@ -57,6 +58,14 @@ class EmbeddingCNN(nn.Module):
     dropout: nn.Module
     head: nn.Module
     num_outputs: int
+
+    def _add_head(self, width: int, num_outputs: int) -> None:
+        """The design's 128-unit embedding (ReLU), dropout and linear head on ``width``
+        pooled backbone features (the pretrained backbones')."""
+        self.embed = nn.Sequential(nn.Linear(width, EMBEDDING_DIM), nn.ReLU(True))
+        self.dropout = nn.Dropout(0.5)
+        self.head = nn.Linear(EMBEDDING_DIM, num_outputs)
+        self.num_outputs = num_outputs
 
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The 128-value penultimate representation."""  # (B, 1, S, S) -> (B, 128)
@@ -131,43 +140,19 @@ def input_normalization(normalization: str) -> nn.Module:
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
-def _one_channel_stem(conv: nn.Conv2d) -> nn.Conv2d:
-    """An RGB stem convolution -> the same convolution on one grayscale channel.
-
-    The weights are summed over the three input channels: on a gray image copied to R, G and
-    B, the one-channel stem gives exactly what the RGB stem gave (ImageNet weights keep their
-    meaning).
-    """
-    stem = nn.Conv2d(
-        1,
-        conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-    )
-    with torch.no_grad():
-        stem.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
-        if conv.bias is not None:
-            stem.bias.copy_(conv.bias)
-    return stem
-
-
 def _replace_stem(backbone: nn.Module, architecture: str) -> int:
     """Swap the backbone's first convolution for a one-channel one and drop its classifier;
     returns the width of its pooled features."""
     if architecture.startswith("resnet"):
-        backbone.conv1 = _one_channel_stem(backbone.conv1)
+        backbone.conv1 = one_channel_stem(backbone.conv1)
         width = backbone.fc.in_features
         backbone.fc = nn.Identity()
     elif architecture.startswith("densenet"):
-        backbone.features.conv0 = _one_channel_stem(backbone.features.conv0)
+        backbone.features.conv0 = one_channel_stem(backbone.features.conv0)
         width = backbone.classifier.in_features
         backbone.classifier = nn.Identity()
     else:  # efficientnet, mobilenet: features[0][0] is the stem, classifier[-1] the last linear
-        backbone.features[0][0] = _one_channel_stem(backbone.features[0][0])
+        backbone.features[0][0] = one_channel_stem(backbone.features[0][0])
         width = backbone.classifier[-1].in_features
         backbone.classifier = nn.Identity()
     return width
@@ -207,10 +192,7 @@ class TorchvisionCNN(EmbeddingCNN):
         width = _replace_stem(backbone, architecture)
         self.normalize = input_normalization(normalization)
         self.features = backbone
-        self.embed = nn.Sequential(nn.Linear(width, EMBEDDING_DIM), nn.ReLU(True))
-        self.dropout = nn.Dropout(0.5)
-        self.head = nn.Linear(EMBEDDING_DIM, num_outputs)
-        self.num_outputs = num_outputs
+        self._add_head(width, num_outputs)
 
 
 class LiteCNN(EmbeddingCNN):
@@ -239,10 +221,7 @@ class LiteCNN(EmbeddingCNN):
             input_normalization(normalization), LiteInput(normalization == "standardize")
         )
         self.features = backbone
-        self.embed = nn.Sequential(nn.Linear(backbone.width, EMBEDDING_DIM), nn.ReLU(True))
-        self.dropout = nn.Dropout(0.5)
-        self.head = nn.Linear(EMBEDDING_DIM, num_outputs)
-        self.num_outputs = num_outputs
+        self._add_head(backbone.width, num_outputs)
 
 
 def build_cnn(

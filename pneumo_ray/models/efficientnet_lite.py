@@ -27,6 +27,7 @@ from torch import nn
 
 from pneumo_ray.config import LITE_ARCHITECTURES, LITE_WEIGHTS
 from pneumo_ray.errors import MissingPackageError
+from pneumo_ray.models.stems import one_channel_stem
 
 # (repeats, kernel, stride, expansion, input filters, output filters) of the seven stages
 STAGES = (
@@ -198,13 +199,8 @@ class EfficientNetLite(nn.Module):
 
     def to_one_channel(self) -> None:
         """Swap the RGB stem for a one-channel one that computes on a gray image what the RGB
-        stem computed on that image copied to R, G and B (the weights summed over channels)."""
-        conv = self._conv_stem
-        stem = SameConv2d(1, conv.out_channels, conv.kernel_size, stride=conv.stride, bias=False)
-        with torch.no_grad():
-            stem.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
-        stem.weight.requires_grad_(conv.weight.requires_grad)
-        self._conv_stem = stem
+        stem computed on that image copied to R, G and B."""
+        self._conv_stem = one_channel_stem(self._conv_stem)
 
 
 class LiteInput(nn.Module):

@@ -19,6 +19,7 @@ extractor as a state dict: no pickle.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,11 @@ class PatchFeatures(nn.Module):
         self.normalize = LiteInput(standardized=False)
         self.architecture = architecture
         self.memory: torch.Tensor | None = None  # (M, D), not a parameter: stored as Parquet
+
+    @staticmethod
+    def grid(image_size: int) -> int:
+        """Patches per side for ``image_size`` inputs: the stride-16 map's side."""
+        return math.ceil(image_size / 16)
 
     def train(self, mode: bool = True) -> PatchFeatures:
         return super().train(False)  # frozen: BatchNorm keeps its ImageNet statistics

@@ -133,7 +133,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None
         m
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and not (m.weight is not None and not m.weight.requires_grad)  # frozen: kept as is
+        and (m.weight is None or m.weight.requires_grad)  # a frozen one is kept as it is
     ]
     if not norms or not batches:
         return

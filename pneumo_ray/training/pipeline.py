@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ from pneumo_ray.models.bundle import (
     Bundle,
     write_bundle,
 )
+from pneumo_ray.models.efficientnet_lite import packaged_weights
 from pneumo_ray.models.knn import KNN_K_CANDIDATES, KnnReference, select_features
 from pneumo_ray.models.patchcore import REDUCTIONS as PATCH_REDUCTIONS
 from pneumo_ray.models.patchcore import PatchFeatures, PatchMemory, reduce_patches
@@ -369,7 +369,7 @@ def fit_references(
     memory = None
     if extractor is not None:
         features = normal_train_out.pop("patch_features")
-        grid = math.ceil(config.image_size / 16)
+        grid = PatchFeatures.grid(config.image_size)
         memory = PatchMemory.fit(
             features.reshape(len(features), grid * grid, -1), grid, config.seed
         )
@@ -443,15 +443,14 @@ def build_card(
         if config.robustness.binary_score == "combined"
         else "p_pneumonia = p_pneumonia_cnn = sigmoid(logit / T) of the binary network"
     )
-    initial_weights = {}
+    # the packaged ImageNet weights of a Lite backbone (hashed once: the CNNs and PatchCore's
+    # extractor start from the same file)
+    provenance = None
     if config.robustness.pretrained == "imagenet" and config.robustness.architecture in (
         LITE_ARCHITECTURES
     ):
-        from pneumo_ray.models.efficientnet_lite import packaged_weights
-
-        initial_weights = {
-            "initial_weights": packaged_weights(config.robustness.architecture).provenance()
-        }
+        provenance = packaged_weights(config.robustness.architecture).provenance()
+    initial_weights = {"initial_weights": provenance} if provenance else {}
     card = {
         "image_size": config.image_size,
         "preprocessing": {**PREPROCESSING, "normalization": config.robustness.normalization},
@@ -561,14 +560,12 @@ def build_card(
         },
     }
     if references.patchcore is not None:
-        from pneumo_ray.models.efficientnet_lite import packaged_weights
-
         memory = references.patch_memory
         card["models"]["patchcore"] = {
             "file": PATCHCORE_FILE,
             "memory_file": PATCHCORE_MEMORY_FILE,
             "architecture": references.patchcore.architecture,
-            "initial_weights": packaged_weights(references.patchcore.architecture).provenance(),
+            "initial_weights": provenance,  # patchcore_available: the CNNs' Lite weights
             "features": "blocks {} and {} (stride 8 and 16), 3x3 neighbourhood means, on the "
             "stride-16 grid".format(*references.patchcore.layers),
             "grid": memory.grid,
