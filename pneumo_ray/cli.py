@@ -424,6 +424,14 @@ def score_parser(prog: str | None = None) -> Parser:
     )
     parser.add_argument("--threads-per-actor", type=int, default=None)
     parser.add_argument(
+        "--actors-per-gpu",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GPU scoring: model actors sharing each GPU (1/N of a GPU each), so one runs "
+        "its networks while another handles its rows (default: 2)",
+    )
+    parser.add_argument(
         "--heatmaps",
         default="flagged",
         choices=HEATMAP_MODES,
@@ -455,6 +463,7 @@ def score_config(args: argparse.Namespace):
         commit_every=args.commit_every,
         lock_ttl_s=args.lock_ttl,
         threads_per_actor=args.threads_per_actor,
+        **({} if args.actors_per_gpu is None else {"actors_per_gpu": args.actors_per_gpu}),
         heatmaps=args.heatmaps,
         fail_on_drift=args.fail_on_drift,
     )

@@ -20,7 +20,7 @@ import ray
 
 from pneumo_ray import faults
 from pneumo_ray.io import stores
-from pneumo_ray.io.images import ImageDecodeError, decode_image
+from pneumo_ray.io.images import ImageDecodeError, decode_image, image_stats
 from pneumo_ray.io.labels import (
     CLASS_DIRS,
     CLASS_LABELS,
@@ -71,7 +71,8 @@ def load_image(uri: str, image_size: int) -> np.ndarray:
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Ray Data batch function: add ``image`` (B, S, S) uint8, ``error`` ("" when decoded) and
+    """Ray Data batch function: add ``image`` (B, S, S) uint8, its statistics (IMAGE_STATS:
+    computed here, in the CPU pool, not in the model actor), ``error`` ("" when decoded) and
     ``error_kind``.
 
     Each row is decoded on its own; a bad file yields a zero image and its error message,
@@ -89,6 +90,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
     return {
         **batch,
         "image": images,
+        **image_stats(images),
         "error": np.array(errors, dtype=object),
         "error_kind": np.array(kinds, dtype=object),
     }

@@ -212,10 +212,19 @@ def augment_batch(images: torch.Tensor, transform: v2.Transform) -> torch.Tensor
     return torch.stack([transform(image) for image in images])
 
 
-def image_stats(images: np.ndarray) -> dict[str, np.ndarray]:
+IMAGE_STATS = ("image_mean", "image_contrast", "image_sharpness")
+"""Per-image statistics the decode tasks add to each batch (``image_stats``), for drift checks."""
+
+
+def image_stats(images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
     """Per image of a uint8 batch ``(B, S, S)``, on [0, 1] pixels at the model's input size:
     mean intensity, contrast (pixel standard deviation) and sharpness (standard deviation of
-    the 4-neighbour Laplacian: fine detail, which blur removes)."""
+    the 4-neighbour Laplacian: fine detail, which blur removes).
+
+    A numpy batch is computed with numpy (the decode tasks); a torch batch on its own device
+    (a model actor that decoded on its GPU), with the same formulas, as float32 numpy."""
+    if not isinstance(images, np.ndarray) and hasattr(images, "device"):
+        return _image_stats_torch(images)
     x = np.asarray(images, dtype=np.float32) / 255.0  # (B, S, S)
     laplacian = (
         4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
@@ -225,6 +234,21 @@ def image_stats(images: np.ndarray) -> dict[str, np.ndarray]:
         "image_contrast": x.std(axis=(1, 2)),
         "image_sharpness": laplacian.std(axis=(1, 2)),
     }
+
+
+def _image_stats_torch(images: torch.Tensor) -> dict[str, np.ndarray]:
+    import torch
+
+    x = images.to(torch.float32) / 255.0  # (B, S, S)
+    laplacian = (
+        4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+    )
+    stats = {
+        "image_mean": x.mean(dim=(1, 2)),
+        "image_contrast": x.std(dim=(1, 2), correction=0),
+        "image_sharpness": laplacian.std(dim=(1, 2), correction=0),
+    }
+    return {name: value.cpu().numpy() for name, value in stats.items()}
 
 
 def as_numpy(images) -> np.ndarray:

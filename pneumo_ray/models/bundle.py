@@ -213,7 +213,7 @@ class Bundle:
         p_pneumonia, probs, mse = calibrated["p_pneumonia"], calibrated["probs"], raw["ae_mse"]
         anomaly = self.anomaly_scores(raw)
         knn_features = select_features(raw["probs"], raw["embedding"], self.knn.feature_kind)
-        neighbour_uris, distances = self.knn.neighbours(knn_features)
+        knn_labels, neighbour_uris, distances = self.knn.query(knn_features)
         return {
             "p_pneumonia": p_pneumonia.astype(np.float32),
             "pred_binary": np.where(p_pneumonia >= self.binary_threshold, *BINARY_LABELS[::-1]),
@@ -222,7 +222,7 @@ class Bundle:
             "p_bacterial": probs[:, 1].astype(np.float32),
             "p_viral": probs[:, 2].astype(np.float32),
             "pred_class": np.asarray(CLASS_LABELS)[probs.argmax(axis=1)],
-            "knn_label": self.knn.predict(knn_features),
+            "knn_label": knn_labels,
             "knn_neighbors": neighbour_uris,
             "knn_distances": distances,
             "anomaly_score": anomaly.astype(np.float32),

@@ -66,6 +66,15 @@ class KnnReference:
     def predict(self, features: np.ndarray) -> np.ndarray:
         return self.classifier.predict(features)
 
+    def query(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(labels (B,), URIs (B, k), distances (B, k)) from one neighbour search: the labels
+        are ``predict``'s (a uniform vote; a tie goes to the first label in sorted order)."""
+        distances, index = self.classifier.kneighbors(features)
+        classes = self.classifier.classes_
+        votes = self.classifier._y[index]  # (B, k) indices into classes_
+        counts = (votes[..., None] == np.arange(len(classes))).sum(axis=1)  # (B, C)
+        return classes[counts.argmax(axis=1)], self.uris[index], distances.astype(np.float32)
+
     def neighbours(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(URIs (B, k), distances (B, k)) of each row's nearest reference images."""
         distances, index = self.classifier.kneighbors(features)

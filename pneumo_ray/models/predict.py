@@ -27,10 +27,10 @@ import pyarrow as pa
 import ray
 
 from pneumo_ray.io.images import (
+    IMAGE_STATS,
     MAX_PIXELS,
     MIN_SIDE,
     ImageDecodeError,
-    as_numpy,
     decode_image,
     image_stats,
     to_model_input,
@@ -77,12 +77,22 @@ class Networks:
         return models
 
 
+# Model actors sharing one GPU (--actors-per-gpu): while one runs its networks, another turns
+# its last batch into Arrow rows and takes the next one in, so the GPU waits less on the host.
+ACTORS_PER_GPU = 2
+
+
 @dataclass
 class ActorPlan:
     min_actors: int
     max_actors: int
     use_gpu: bool
     threads: int
+    actors_per_gpu: int = 1  # GPU actors: each asks for 1/actors_per_gpu of a GPU
+
+    @property
+    def gpus_per_actor(self) -> float:
+        return 1.0 / self.actors_per_gpu if self.use_gpu else 0.0
 
     def describe(self) -> str:
         count = (
@@ -90,7 +100,11 @@ class ActorPlan:
             if self.min_actors == self.max_actors
             else f"{self.min_actors}-{self.max_actors} (autoscaling)"
         )
-        where = "GPU" if self.use_gpu else f"CPU with {self.threads} torch threads each"
+        where = (
+            f"GPU ({self.actors_per_gpu} per GPU)"
+            if self.use_gpu
+            else f"CPU with {self.threads} torch threads each"
+        )
         return f"{count} model actor(s) on {where}"
 
     def map_kwargs(self) -> dict:
@@ -100,21 +114,28 @@ class ActorPlan:
                 min_size=self.min_actors, max_size=self.max_actors
             ),
             "num_cpus": 0 if self.use_gpu else 1,
-            "num_gpus": 1 if self.use_gpu else 0,
+            "num_gpus": self.gpus_per_actor,
             "scheduling_strategy": "SPREAD",  # one actor per node before two on one
         }
 
 
 def plan_actors(
-    workers: tuple[int, int] | None, use_gpu: bool | None, threads: int | None = None
+    workers: tuple[int, int] | None,
+    use_gpu: bool | None,
+    threads: int | None = None,
+    actors_per_gpu: int = ACTORS_PER_GPU,
 ) -> ActorPlan:
     """Actor pool size and torch threads from the flags and what the cluster has now.
 
     ``use_gpu=True`` asks for GPU actors even when no GPU is up (the autoscaler starts GPU
-    nodes for them); None uses GPUs when the cluster has some now. A (min, max) range gives an
-    autoscaling actor pool. A CPU actor reserves one logical CPU, leaving the rest of its node
-    to the decode tasks; its torch threads use the node's cores shared among its actors.
+    nodes for them); None uses GPUs when the cluster has some now. GPU actors take
+    1/``actors_per_gpu`` of a GPU each, and by default there are that many per GPU up now.
+    A (min, max) range gives an autoscaling actor pool. A CPU actor reserves one logical CPU,
+    leaving the rest of its node to the decode tasks; its torch threads use the node's cores
+    shared among its actors.
     """
+    if actors_per_gpu < 1:
+        raise ValueError(f"actors per GPU must be at least 1, got {actors_per_gpu}")
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     use_gpu = use_gpu if use_gpu is not None else gpus > 0
@@ -122,10 +143,10 @@ def plan_actors(
     if workers is not None:
         low, high = workers
     else:
-        low = high = max(1, gpus) if use_gpu else max(1, len(nodes))
+        low = high = max(1, gpus) * actors_per_gpu if use_gpu else max(1, len(nodes))
     cpus = [int(n["Resources"].get("CPU", 1)) for n in nodes] or [1]
     threads = threads or max(1, min(cpus) // max(1, math.ceil(low / len(cpus))))
-    return ActorPlan(low, high, use_gpu, 1 if use_gpu else threads)
+    return ActorPlan(low, high, use_gpu, 1 if use_gpu else threads, actors_per_gpu)
 
 
 # --- decoding inside the actor ---------------------------------------------------------------
@@ -269,7 +290,8 @@ class ModelActor:
             raise ValueError(f"outputs {outputs!r} needs a bundle source; got {type(source)}")
         self.outputs = outputs
         self.decoder = ImageDecoder(source.image_size, self.device, gpu_decode)
-        self.node = ray.get_runtime_context().get_node_id()
+        # None when called outside Ray (a benchmark or test calling the actor directly)
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         print(f"[pneumo_ray] model actor ready on node {self.node} ({self.device})", flush=True)
 
     def images(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor | np.ndarray, list]:
@@ -301,8 +323,16 @@ class ModelActor:
         columns = {key: batch[key] for key in PASSTHROUGH if key in batch}
         columns.update(self.predict(images))
         if self.outputs == "networks":  # the training job's drift reference needs them
-            columns.update(image_stats(as_numpy(images)))
+            columns.update(usable_image_stats(batch, images, ok))
         return columns_to_table(columns)
+
+
+def usable_image_stats(batch: dict[str, np.ndarray], images, ok: np.ndarray) -> dict:
+    """IMAGE_STATS of the rows where ``ok``: the decode tasks' columns when the batch has them
+    (CPU decode), else computed here on the actor's device (the actor decoded the bytes)."""
+    if all(name in batch for name in IMAGE_STATS):
+        return {name: np.asarray(batch[name], dtype=np.float32)[ok] for name in IMAGE_STATS}
+    return image_stats(select_rows(images, ok))
 
 
 def select_rows(images: np.ndarray | torch.Tensor, keep: np.ndarray) -> np.ndarray | torch.Tensor:

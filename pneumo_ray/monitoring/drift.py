@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pneumo_ray.io.images import IMAGE_STATS
 from pneumo_ray.io.labels import BINARY_LABELS, CLASS_LABELS
 
 DRIFT_RULE = {
@@ -58,7 +59,6 @@ STATISTICS = (
     Statistic("image_sharpness", "sharpness (Laplacian standard deviation)"),
     Statistic("image_kib", "file size (KiB)"),
 )
-IMAGE_STATS = ("image_mean", "image_contrast", "image_sharpness")
 REFERENCE_COLUMNS = (
     "image_uri",
     "p_pneumonia",

@@ -37,11 +37,17 @@ from pneumo_ray.config import HEATMAP_MODES, ConfigError, parse_worker_range
 from pneumo_ray.console import Progress
 from pneumo_ray.io import stores
 from pneumo_ray.io.data import PERMANENT, TRANSIENT, decode_batch, read_batch
-from pneumo_ray.io.images import as_numpy, image_stats
 from pneumo_ray.io.labels import BINARY_LABELS
 from pneumo_ray.io.listing import LISTING_SCHEMA, iter_listing
 from pneumo_ray.models.bundle import read_card, read_drift_reference
-from pneumo_ray.models.predict import DECODE_MODES, ModelActor, plan_actors, select_rows
+from pneumo_ray.models.predict import (
+    ACTORS_PER_GPU,
+    DECODE_MODES,
+    ModelActor,
+    plan_actors,
+    select_rows,
+    usable_image_stats,
+)
 from pneumo_ray.monitoring.drift import RunProfile
 from pneumo_ray.runtime import check_shared_storage
 from pneumo_ray.scoring.ledger import (
@@ -103,6 +109,8 @@ class ScoreConfig:
     over (a local output's lock ends with its job) (--lock-ttl)."""
     threads_per_actor: int | None = None
     """Torch threads per CPU actor; None: its node's CPUs shared among its actors."""
+    actors_per_gpu: int = ACTORS_PER_GPU
+    """GPU scoring: model actors sharing each GPU, 1/N of it each (--actors-per-gpu)."""
     heatmaps: str = "flagged"
     """Grad-CAM overlays for: flagged images (binary call pneumonia or anomaly), all, or none
     (--heatmaps)."""
@@ -129,6 +137,8 @@ class ScoreConfig:
             raise ConfigError(
                 f"--threads-per-actor must be at least 1, got {self.threads_per_actor}"
             )
+        if self.actors_per_gpu < 1:
+            raise ConfigError(f"--actors-per-gpu must be at least 1, got {self.actors_per_gpu}")
         self.num_workers = parse_worker_range(self.num_workers)
         if self.heatmaps not in HEATMAP_MODES:
             raise ConfigError(
@@ -197,17 +207,9 @@ class BundlePredictor(ModelActor):
         if ok.any():
             usable = select_rows(images, ok)
             predictions = self.bundle.predict(usable)
-            predictions.update(image_stats(as_numpy(usable)))
+            predictions.update(usable_image_stats(batch, images, ok))
             uris = [str(u) for u in batch["image_uri"][ok]]
             predictions["heatmap_uri"] = self._heatmap_uris(usable, uris, predictions)
-        index = np.flatnonzero(ok)
-
-        def column(name: str, arrow_type: pa.DataType) -> pa.Array:
-            values: list = [None] * n
-            if predictions:
-                for row, value in zip(index, predictions[name], strict=True):
-                    values[row] = value.tolist() if isinstance(value, np.ndarray) else value
-            return pa.array(values, type=arrow_type)
 
         now = dt.datetime.now(dt.UTC)
         columns = {
@@ -225,8 +227,51 @@ class BundlePredictor(ModelActor):
         }
         for name in OUTPUT_SCHEMA.names:
             if name not in columns:
-                columns[name] = column(name, OUTPUT_SCHEMA.field(name).type)
+                columns[name] = scattered(predictions.get(name), ok, OUTPUT_SCHEMA.field(name).type)
         return pa.table([columns[name] for name in OUTPUT_SCHEMA.names], schema=OUTPUT_SCHEMA)
+
+
+def scattered(values, ok: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """One output column from the usable rows' values (``ok``: which rows they are), null in
+    the other rows; built from whole arrays, never row by row. ``values``: (m,) or, for a
+    list type, (m, k); None when no row was usable."""
+    n = len(ok)
+    if values is None:
+        return pa.nulls(n, arrow_type)
+    mask = None if ok.all() else ~ok
+    if pa.types.is_list(arrow_type):
+        values = np.asarray(values)
+        k = values.shape[1] if values.ndim == 2 else 0
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        offsets[1:] = np.cumsum(np.where(ok, k, 0))
+        flat = _array(values.reshape(-1), arrow_type.value_type)
+        return pa.ListArray.from_arrays(
+            pa.array(offsets), flat, type=arrow_type, mask=None if mask is None else pa.array(mask)
+        )
+    if mask is None:
+        return _array(values, arrow_type)
+    full = np.empty(n, dtype=object if _is_text(arrow_type) else _numpy_type(arrow_type))
+    full[:] = "" if _is_text(arrow_type) else 0
+    full[ok] = values
+    return _array(full, arrow_type, mask)
+
+
+def _is_text(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
+def _numpy_type(arrow_type: pa.DataType) -> np.dtype:
+    return np.dtype(arrow_type.to_pandas_dtype())
+
+
+def _array(values, arrow_type: pa.DataType, mask: np.ndarray | None = None) -> pa.Array:
+    if _is_text(arrow_type):
+        values = np.asarray(values, dtype=object)
+        if values.size and not isinstance(values.flat[0], str | None):
+            values = values.astype(str).astype(object)
+    else:
+        values = np.asarray(values, dtype=_numpy_type(arrow_type))
+    return pa.array(values, type=arrow_type, mask=mask)
 
 
 # --- the summary -----------------------------------------------------------------------------
@@ -484,7 +529,9 @@ def build_pipeline(
     config: ScoreConfig, work: WorkList, image_size: int, heatmap_dir: str
 ) -> tuple[ray.data.Dataset, str]:
     """The Ray Data pipeline over the work list; returns it and a line saying how it runs."""
-    plan = plan_actors(config.num_workers, config.use_gpu, config.threads_per_actor)
+    plan = plan_actors(
+        config.num_workers, config.use_gpu, config.threads_per_actor, config.actors_per_gpu
+    )
     gpu_decode = config.decode == "gpu" or (config.decode == "auto" and plan.use_gpu)
     fs, _ = stores.resolve(config.output)
     dataset = (

@@ -93,3 +93,52 @@ def test_gpu_decode_falls_back_to_the_training_decoder_without_cuda(capsys):
         np.testing.assert_array_equal(images[i].numpy(), decode_image(blob, 64))
     assert errors[:4] == [""] * 4 and "not a readable image" in errors[4]
     assert _gpu_decodable(blobs[0]) and not _gpu_decodable(blobs[4])
+
+
+def fake_cluster(monkeypatch, gpus: int, nodes: int = 1, cpus: int = 16) -> None:
+    """What plan_actors reads from Ray: a cluster of ``nodes`` nodes with ``gpus`` GPUs."""
+    from pneumo_ray.models import predict
+
+    monkeypatch.setattr(
+        predict.ray, "cluster_resources", lambda: {"CPU": cpus * nodes, "GPU": gpus}
+    )
+    monkeypatch.setattr(
+        predict.ray,
+        "nodes",
+        lambda: [{"Alive": True, "Resources": {"CPU": cpus, "GPU": gpus / nodes}}] * nodes,
+    )
+
+
+@pytest.mark.parametrize(("per_gpu", "fraction"), [(1, 1.0), (2, 0.5), (4, 0.25)])
+def test_gpu_actors_ask_for_the_fraction_of_a_gpu_they_share(monkeypatch, per_gpu, fraction):
+    from pneumo_ray.models.predict import plan_actors
+
+    fake_cluster(monkeypatch, gpus=2)
+    plan = plan_actors(None, None, actors_per_gpu=per_gpu)
+    kwargs = plan.map_kwargs()
+    assert plan.use_gpu and kwargs["num_gpus"] == fraction and kwargs["num_cpus"] == 0
+    # by default, that many actors on each GPU up now
+    assert (plan.min_actors, plan.max_actors) == (2 * per_gpu, 2 * per_gpu)
+    assert kwargs["compute"].min_size == 2 * per_gpu
+    assert f"{per_gpu} per GPU" in plan.describe()
+
+
+def test_cpu_actors_take_no_gpu_and_an_explicit_pool_size_wins(monkeypatch):
+    from pneumo_ray.models.predict import plan_actors
+
+    fake_cluster(monkeypatch, gpus=0, nodes=2, cpus=8)
+    plan = plan_actors(None, None, actors_per_gpu=4)
+    assert not plan.use_gpu and plan.map_kwargs()["num_gpus"] == 0
+    assert (plan.min_actors, plan.threads) == (2, 8)  # one per node, its cores
+    fake_cluster(monkeypatch, gpus=1)
+    assert plan_actors((3, 6), True, actors_per_gpu=3).map_kwargs()["num_gpus"] == pytest.approx(
+        1 / 3
+    )
+
+
+def test_actors_per_gpu_is_checked_where_it_is_given():
+    from pneumo_ray.errors import ConfigError
+    from pneumo_ray.scoring.score import ScoreConfig
+
+    with pytest.raises(ConfigError, match="--actors-per-gpu"):
+        ScoreConfig("model", ["in"], "out", actors_per_gpu=0)

@@ -81,6 +81,20 @@ def test_knn_reference_round_trips_through_parquet(tmp_path):
     assert np.all(np.diff(distances, axis=1) >= 0)  # nearest first
 
 
+@pytest.mark.parametrize("k", [4, 5])  # an even k makes tied votes
+def test_one_knn_query_gives_predicts_labels_and_the_neighbours(k):
+    rng = np.random.default_rng(1)
+    labels = list(rng.choice(["normal", "bacterial", "viral"], 200))
+    uris = [f"/ref/{i}.jpeg" for i in range(200)]
+    knn = KnnReference.fit(uris, labels, rng.random((200, 3)), k=k, feature_kind="softmax")
+    query = rng.random((500, 3)).astype(np.float32)
+    voted, neighbour_uris, distances = knn.query(query)
+    assert list(voted) == list(knn.predict(query))
+    expected_uris, expected_distances = knn.neighbours(query)
+    assert np.array_equal(neighbour_uris, expected_uris)
+    assert np.array_equal(distances, expected_distances)
+
+
 def test_knn_needs_k_reference_images_and_a_known_feature_kind():
     with pytest.raises(ValueError, match="at least k=5"):
         KnnReference.fit(["a"], ["normal"], np.zeros((1, 3)), k=5, feature_kind="softmax")
