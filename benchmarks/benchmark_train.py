@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 
 from pneumo_ray.config import TrainConfig  # noqa: E402
 from pneumo_ray.io import data  # noqa: E402
-from pneumo_ray.io.images import to_model_input, train_augmentation  # noqa: E402
+from pneumo_ray.io.images import BatchAugment, to_model_input  # noqa: E402
 from pneumo_ray.io.labels import CLASS_LABELS, limit_per_class  # noqa: E402
 from pneumo_ray.runtime import init_ray  # noqa: E402
 from pneumo_ray.training.loop import ImageLabelCollate, build_network, decide_scaling, train_step  # noqa: E402
@@ -50,7 +50,7 @@ def timed_steps(model, batches, steps: int, warmup: int) -> float:
     """Run warmup + steps training steps; return timed images/s."""
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-5)
     weights = torch.tensor([1.5, 0.75])
-    augment = train_augmentation()
+    augment = BatchAugment()
     model.train()
     seen, started = 0, None
     for step, (x, y) in enumerate(batches):

@@ -21,6 +21,7 @@ from pneumo_ray.config import (
     BINARY_THRESHOLD_RULES,
     GROUPS,
     HEATMAP_MODES,
+    LR_SCALINGS,
     LR_SCHEDULES,
     NETWORK_NAMES,
     NORMALIZATIONS,
@@ -270,6 +271,14 @@ def _train_cluster_flags(group) -> None:
         "--storage-path", default=None, help="checkpoint storage (default: <output>/checkpoints)"
     )
     group.add_argument("--max-failures", type=int, default=2)
+    group.add_argument(
+        "--lr-scaling",
+        default="none",
+        choices=LR_SCALINGS,
+        help="scale every learning rate with --batch-size / 32 (the design's batch): none, "
+        "sqrt or linear, for larger GPU batches; the card records the rates used "
+        "(default: none)",
+    )
 
 
 def _tracking_flags(group) -> None:

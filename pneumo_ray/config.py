@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pneumo_ray.errors import ConfigError, MissingPackageError
 
 BINARY_THRESHOLD_RULES = ("sensitivity", "youden")
+LR_SCALINGS = ("none", "sqrt", "linear")  # how learning rates follow the batch (--lr-scaling)
+LR_BASE_BATCH = 32  # the design's batch size, at which its learning rates were chosen
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Defined here, not in pneumo_ray.models (which imports torch): a job validates its flags
@@ -246,6 +248,10 @@ class ClusterSettings:
     """Where Ray Train keeps checkpoints; None: <output>/checkpoints (--storage-path)."""
     max_failures: int = 2
     """Worker failures to recover from, each time from the last checkpoint (--max-failures)."""
+    lr_scaling: str = "none"
+    """How the learning rates follow a --batch-size other than LR_BASE_BATCH: none, sqrt or
+    linear in batch / 32 (larger GPU batches); the card records the rates used
+    (--lr-scaling)."""
 
     def check(self) -> None:
         from pneumo_ray.io.stores import normalize_optional  # see TrainConfig.__post_init__
@@ -256,6 +262,7 @@ class ClusterSettings:
             raise ConfigError(
                 f"--precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
             )
+        _check_choice("--lr-scaling", self.lr_scaling, LR_SCALINGS)
         if self.max_failures < 0:
             raise ConfigError(f"--max-failures must be 0 or more, got {self.max_failures}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
@@ -394,6 +401,12 @@ class TrainConfig:
             flat.update(flat.pop(name))
         return flat
 
+    @property
+    def lr_factor(self) -> float:
+        """What every network's learning rate is multiplied by for this batch size."""
+        ratio = self.batch_size / LR_BASE_BATCH
+        return {"none": 1.0, "sqrt": ratio**0.5, "linear": ratio}[self.cluster.lr_scaling]
+
     def run_key(self, network: str, data_fingerprint: dict | None = None) -> str:
         """Name of a network's Ray Train run: the same settings on the same data resume the
         same run. ``data_fingerprint`` (URIs, sizes, mtimes of the training and validation
@@ -417,8 +430,10 @@ class TrainConfig:
             "backbone_lr_scale": self.robustness.backbone_lr_scale
             if network != "autoencoder"
             else 1.0,
+            "lr_factor": self.lr_factor,
         }
         design = {
+            "lr_factor": 1.0,
             "spec": {"architecture": "seed", "normalization": "none", "pretrained": None},
             "acquisition_shift": False,
             "masking": 0.0,

@@ -10,6 +10,7 @@ workers' other output) goes to the job's log file, named on the console when the
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import functools
@@ -26,6 +27,18 @@ from typing import TextIO
 # prints "[network] ..."), and errors.
 _SHOWN = re.compile(r"^\[(binary|multiclass|autoencoder|pneumo_ray[.\w]*)\] |\bERROR\b|Error:")
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
+# A line of Ray's native (C++) log, as its core worker prints ERROR lines to stderr.
+_NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d ")
+# Native lines on a healthy run that are not the operator's news. Ray Data 2.60 hands every
+# actor-pool worker its DataContext and map function as object-store arguments, with
+# max_restarts=-1, and the core worker logs an ERROR for each such actor (ray-project/ray
+# #57733, even for ``ray.data.range(1).map_batches(Actor)``). The references stay held for the
+# whole pass, so a killed model actor does restart (tests/test_cluster.py); our own actor
+# arguments are a bundle URI, or networks the driver holds until the pass ends.
+_NATIVE_NOISE = re.compile(
+    rb"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*' and ID: '\w+' has "
+    rb"constructor arguments in the object store and max_restarts > 0"
+)
 _DISPATCHER_HANDLER = "ray_print_logs"  # the name ray.init gives its worker-log printer
 
 
@@ -59,6 +72,7 @@ class JobLog:
         self._file: TextIO = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         self._lock = threading.Lock()
         self.silent = False  # True: no worker line reaches the console (shutting down)
+        self.native: NativeStderr | None = None  # fd 2 through its filter (a quiet console)
 
     def install(self) -> JobLog:
         import ray.data  # noqa: F401  (its import configures the "ray.data" logger: then ours)
@@ -91,6 +105,7 @@ class JobLog:
             warned.addHandler(handler)
             _quiet_ray_data()
             global_worker_stdstream_dispatcher.remove_handler(_DISPATCHER_HANDLER)
+            self.native = NativeStderr(self._file, self._lock)
         global_worker_stdstream_dispatcher.add_handler(
             f"pneumo_ray_{self.job}_log", functools.partial(JobLog._worker_lines, self)
         )
@@ -113,6 +128,58 @@ class JobLog:
         for line in lines:
             if _SHOWN.search(line):
                 print(line, file=sink, flush=True)
+
+
+class NativeStderr:
+    """File descriptor 2 of this process (native logs included) through a pipe: every line
+    goes to ``log_file``, and to the console unless it is a known native line that is not the
+    operator's news (_NATIVE_NOISE). A partial line is passed on at once unless it is the start
+    of a native log line (held until its newline), so prompts and redrawn lines stay live.
+    ``stop`` (also at exit) puts fd 2 back and drains the pipe."""
+
+    def __init__(self, log_file: TextIO, lock: threading.Lock) -> None:
+        self.log_file, self.lock = log_file, lock
+        sys.stderr.flush()
+        self.console = os.dup(2)
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        self.thread = threading.Thread(
+            target=self._pump, args=(read_fd,), name="pneumo_ray-stderr", daemon=True
+        )
+        self.thread.start()
+        atexit.register(self.stop)
+
+    def _pump(self, read_fd: int) -> None:
+        pending = b""
+        while chunk := os.read(read_fd, 65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._emit(line + b"\n")
+            if pending and not _NATIVE_LINE.match(pending):
+                self._emit(pending)
+                pending = b""
+        if pending:
+            self._emit(pending)
+        os.close(read_fd)
+
+    def _emit(self, data: bytes) -> None:
+        with self.lock:
+            self.log_file.write(data.decode("utf-8", "replace"))
+        if not _NATIVE_NOISE.search(data):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.console, view) :]
+
+    def stop(self) -> None:
+        if self.console < 0:
+            return
+        sys.stderr.flush()
+        os.dup2(self.console, 2)  # the pipe's last writer closes: the pump drains and ends
+        os.close(self.console)
+        self.console = -1
+        self.thread.join(timeout=5)
 
 
 _installed: JobLog | None = None  # the job's, once installed

@@ -57,6 +57,8 @@ BAD_VALUES = [
     ("score", ["--num-workers", "0"], "--num-workers"),
     ("score", ["--decode", "fpga"], "--decode"),
     ("score", ["--threads-per-actor", "0"], "--threads-per-actor"),
+    ("score", ["--actors-per-gpu", "0"], "--actors-per-gpu"),
+    ("train", ["--lr-scaling", "cubic"], "--lr-scaling"),
     ("score", ["--rescore", "--only-new"], "--only-new"),
     ("score", ["--heatmaps", "some"], "--heatmaps"),
     ("score", ["--fail-on-drift=yes"], "--fail-on-drift"),
@@ -85,9 +87,11 @@ def test_every_bad_value_is_refused_with_one_line_naming_its_flag(command, flags
 def test_overrides_apply_in_order_and_are_validated_after():
     args = cli.train_parser().parse_args(
         [*TRAIN, "--epochs", "5", "--binary-epochs", "8", "--weight-decay", "1e-4",
-         "--lr-schedule", "cosine", "--multiclass-patience", "0", "--lr-autoencoder", "2e-3"]
+         "--lr-schedule", "cosine", "--multiclass-patience", "0", "--lr-autoencoder", "2e-3",
+         "--batch-size", "128", "--lr-scaling", "sqrt"]
     )  # fmt: skip
     config = cli.train_config(args)
+    assert config.cluster.lr_scaling == "sqrt" and config.lr_factor == 2.0
     assert (config.binary.epochs, config.multiclass.epochs, config.autoencoder.epochs) == (8, 5, 5)
     assert config.binary.weight_decay == config.multiclass.weight_decay == 1e-4
     assert config.autoencoder.weight_decay == 0.0  # the CNNs' only

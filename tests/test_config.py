@@ -19,6 +19,7 @@ def config(**overrides) -> TrainConfig:
         ({"target_sensitivity": 0.3}, "--target-sensitivity"),
         ({"binary": NetworkConfig(10, 1e-3, weight_decay=-1.0)}, "--weight-decay"),
         ({"multiclass": NetworkConfig(10, 1e-3, lr_schedule="step")}, "--lr-schedule"),
+        ({"lr_scaling": "cubic"}, "--lr-scaling"),
     ],
 )
 def test_bad_settings_name_their_flag(overrides, flag):
@@ -34,6 +35,19 @@ def test_settings_that_shape_a_network_change_its_run_key():
     assert cosine.run_key("multiclass") == base.run_key("multiclass")
     # Thresholds and scores are chosen after training: they do not restart it.
     assert config(target_sensitivity=0.9).run_key("binary") == base.run_key("binary")
+
+
+@pytest.mark.parametrize(
+    ("scaling", "batch", "factor"),
+    [("none", 256, 1.0), ("sqrt", 128, 2.0), ("linear", 128, 4.0), ("linear", 32, 1.0)],
+)
+def test_learning_rates_follow_the_batch_as_asked(scaling, batch, factor):
+    scaled = config(lr_scaling=scaling, batch_size=batch)
+    assert scaled.lr_factor == pytest.approx(factor)
+    unscaled = config(batch_size=batch)
+    # a scaled rate is another training run; no scaling keeps the key runs before it had
+    assert (scaled.run_key("binary") == unscaled.run_key("binary")) == (factor == 1.0)
+    assert config().lr_factor == 1.0
 
 
 def test_knn_k_flag_takes_auto_or_a_number(capsys):

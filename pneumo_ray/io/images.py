@@ -17,7 +17,6 @@ from PIL import Image, ImageOps
 
 if TYPE_CHECKING:
     import torch
-    from torchvision.transforms import v2
 
 # torch is imported inside the functions that need it: the decode tasks of Ray Data import
 # this module, and without torch each of their worker processes is about 0.8 GB smaller.
@@ -188,28 +187,102 @@ class AcquisitionShift:
         return image.clamp(0.0, 1.0)
 
 
-def train_augmentation(acquisition_shift: bool = False) -> v2.Transform:
-    """The design's augmentation (rotation, shifts, shear, zoom, horizontal flip) plus
-    brightness and contrast jitter: exposure differs between machines and sites, and the
-    Kermany test split's exposure differs from its train split's. ``acquisition_shift`` adds
-    ``AcquisitionShift`` (blur and sharpening, gamma, noise, JPEG, resampling)."""
-    from torchvision.transforms import v2
-
-    steps = [
-        v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=8),
-        v2.RandomHorizontalFlip(p=0.5),
-        v2.ColorJitter(brightness=0.2, contrast=0.2),
-    ]
-    if acquisition_shift:
-        steps.append(AcquisitionShift())
-    return v2.Compose(steps)
-
-
-def augment_batch(images: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
-    """Apply ``transform`` to each image of a ``(B, 1, H, W)`` batch with its own randomness."""
+def inverse_affine(
+    angle: torch.Tensor,
+    translate: torch.Tensor,
+    scale: torch.Tensor,
+    shear: torch.Tensor,
+) -> torch.Tensor:
+    """torchvision's inverse affine matrices (``_get_inverse_affine_matrix`` about the image
+    centre), for a batch: output pixel -> input pixel, in pixels from the centre, x right and
+    y down. ``angle`` and ``shear`` (x shear) in degrees (B,), ``translate`` (B, 2) pixels,
+    ``scale`` (B,). Returns (B, 2, 3)."""
     import torch
 
-    return torch.stack([transform(image) for image in images])
+    rot, sx = torch.deg2rad(angle), torch.deg2rad(shear)
+    # rotation-scale-shear (y shear 0), then inverted; its determinant is 1 before scaling
+    a = torch.cos(rot)
+    b = -torch.cos(rot) * torch.tan(sx) - torch.sin(rot)
+    c = torch.sin(rot)
+    d = -torch.sin(rot) * torch.tan(sx) + torch.cos(rot)
+    m = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], 1) / scale[:, None, None]
+    offset = -(m @ translate[:, :, None])  # (B, 2, 1): the inverse of the translation
+    return torch.cat([m, offset], dim=2)
+
+
+class BatchAugment:
+    """The design's augmentation (rotation +-10 degrees, shifts up to 10% of the side in whole
+    pixels, zoom 0.9-1.1, x shear +-8 degrees: torchvision's ``RandomAffine(10, (0.1, 0.1),
+    (0.9, 1.1), 8)``; horizontal flip p 0.5; brightness, then contrast, factors 0.8-1.2:
+    exposure differs between machines and sites, and the Kermany test split's differs from its
+    train split's) applied to a whole batch ``(B, 1, H, W)`` in [0, 1] on its own device: one
+    affine grid and one ``grid_sample`` for the batch (bilinear, zeros outside), the flip
+    folded into the grid, the jitter as batched arithmetic. The training workers run it on the
+    GPU there, and on CPU tensors here.
+
+    Each image draws its own parameters from torch's global generator (on the CPU, so a seed
+    gives the same draws on any device), which the training loop seeds per rank and epoch.
+    ``acquisition_shift`` then applies ``AcquisitionShift`` to each image.
+    """
+
+    degrees, translate, scale, shear = 10.0, 0.1, (0.9, 1.1), 8.0
+    flip, brightness, contrast = 0.5, 0.2, 0.2
+
+    def __init__(self, acquisition_shift: bool = False) -> None:
+        self.shift = AcquisitionShift() if acquisition_shift else None
+
+    def draw(self, n: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Per-image parameters for ``n`` images of ``size`` (H, W), on the CPU."""
+        import torch
+
+        def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+            return low + (high - low) * torch.rand(n, *shape)
+
+        height, width = size
+        limit = torch.tensor([self.translate * width, self.translate * height])
+        return {
+            "angle": uniform(-self.degrees, self.degrees),
+            "translate": torch.round((2 * torch.rand(n, 2) - 1) * limit),  # whole pixels
+            "scale": uniform(*self.scale),
+            "shear": uniform(-self.shear, self.shear),
+            "flip": torch.rand(n) < self.flip,
+            "brightness": uniform(1 - self.brightness, 1 + self.brightness),
+            "contrast": uniform(1 - self.contrast, 1 + self.contrast),
+        }
+
+    @staticmethod
+    def apply(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``x`` (B, 1, H, W) transformed with the given per-image parameters."""
+        import torch
+        import torch.nn.functional as F
+
+        n, _, height, width = x.shape
+        matrix = inverse_affine(
+            params["angle"], params["translate"].float(), params["scale"], params["shear"]
+        )
+        # pixels from the centre -> affine_grid's [-1, 1] (align_corners=False)
+        half = torch.tensor([width / 2, height / 2])
+        theta = matrix.clone()
+        theta[:, :, :2] = matrix[:, :, :2] * half[None, None, :] / half[None, :, None]
+        theta[:, :, 2] = matrix[:, :, 2] / half[None, :]
+        # a horizontal flip of the output: its x coordinate mirrored before the lookup
+        mirror = torch.where(params["flip"], -1.0, 1.0)
+        theta[:, :, 0] = theta[:, :, 0] * mirror[:, None]
+        grid = F.affine_grid(theta.to(x.device, x.dtype), [n, 1, height, width], False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        brightness = params["brightness"].to(x.device, x.dtype)[:, None, None, None]
+        contrast = params["contrast"].to(x.device, x.dtype)[:, None, None, None]
+        x = (x * brightness).clamp_(0.0, 1.0)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return ((x - mean) * contrast + mean).clamp_(0.0, 1.0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        x = self.apply(x, self.draw(len(x), tuple(x.shape[-2:])))
+        if self.shift is not None:
+            x = torch.stack([self.shift(image) for image in x])
+        return x
 
 
 IMAGE_STATS = ("image_mean", "image_contrast", "image_sharpness")

@@ -28,12 +28,11 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
-from torchvision.transforms import v2
 
 from pneumo_ray import faults
 from pneumo_ray.config import TrainConfig
 from pneumo_ray.io import stores
-from pneumo_ray.io.images import augment_batch, to_model_input, train_augmentation
+from pneumo_ray.io.images import BatchAugment, to_model_input
 from pneumo_ray.models.anomaly import masked_training_batch
 from pneumo_ray.models.autoencoder import reconstruction_error
 from pneumo_ray.models.networks import NETWORKS, build_network
@@ -41,6 +40,7 @@ from pneumo_ray.models.networks import NETWORKS, build_network
 __all__ = ["NETWORKS", "NetworkData", "build_network", "fit_network", "fit_networks", "train_step"]
 STATE_FILE = "state.pt"
 SHUFFLE_BUFFER = 512
+PREFETCH_BATCHES = 4  # GPU workers: batches collated, pinned and on the device ahead of the step
 BN_CALIBRATION_IMAGES = 512  # recent clean training images that re-estimate BatchNorm stats
 
 
@@ -88,7 +88,7 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     weights: torch.Tensor | None,
-    augment: v2.Transform | None,
+    augment: BatchAugment | None,
     dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     masking: float = 0.0,
@@ -97,7 +97,7 @@ def train_step(
     (loss, correct), detached. ``dtype``: autocast dtype (None: fp32); ``scaler``: fp16's loss
     scaling; ``masking``: see ``per_sample_loss``."""
     if augment is not None:
-        x = augment_batch(x, augment)
+        x = augment(x)  # the whole batch at once, on its device
     if x.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
@@ -225,7 +225,7 @@ class WorkerRun:
     schedule: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler | None
     weights: torch.Tensor | None
-    augment: v2.Transform | None
+    augment: BatchAugment | None
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype; None: fp32
     rank: int
@@ -243,21 +243,30 @@ class WorkerRun:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     def batches(self, shard, shuffle: bool):
-        """(images (B, 1, S, S) in [0, 1], labels (B,)) on the worker's device. On GPUs Ray
-        Data pins each collated batch and copies it to the device on its prefetch thread."""
-        on_gpu = self.device.type == "cuda"
-        for image, label_index in shard.iter_torch_batches(
-            batch_size=max(1, self.loop["batch_size"] // self.world),
-            local_shuffle_buffer_size=SHUFFLE_BUFFER if shuffle else None,
-            local_shuffle_seed=rank_seed(self.loop["seed"], self.rank, self.state["epoch"])
-            if shuffle
-            else None,
-            collate_fn=ImageLabelCollate(),
-            device=self.device,
-            pin_memory=on_gpu,
-        ):
-            x = image.to(self.device, non_blocking=on_gpu)  # a no-op when Ray moved it
-            yield to_model_input(x), label_index.to(self.device, non_blocking=on_gpu)
+        """(images (B, 1, S, S) in [0, 1], labels (B,)) on the worker's device."""
+        seed = rank_seed(self.loop["seed"], self.rank, self.state["epoch"]) if shuffle else None
+        return training_batches(
+            shard, max(1, self.loop["batch_size"] // self.world), self.device, seed
+        )
+
+
+def training_batches(shard, batch_size: int, device: torch.device, shuffle_seed: int | None):
+    """A worker's (images (B, 1, S, S) in [0, 1], labels (B,)) on its device: whole-batch
+    collation (``ImageLabelCollate``) and, on GPUs, PREFETCH_BATCHES batches pinned and copied
+    to the device ahead on Ray Data's prefetch thread, so the GPU does not wait on the host.
+    ``shuffle_seed``: a local shuffle with that seed; None: the shard's order."""
+    on_gpu = device.type == "cuda"
+    for image, label_index in shard.iter_torch_batches(
+        batch_size=batch_size,
+        local_shuffle_buffer_size=SHUFFLE_BUFFER if shuffle_seed is not None else None,
+        local_shuffle_seed=shuffle_seed,
+        collate_fn=ImageLabelCollate(),
+        device=device,
+        pin_memory=on_gpu,
+        prefetch_batches=PREFETCH_BATCHES if on_gpu else 1,
+    ):
+        x = image.to(device, non_blocking=on_gpu)  # a no-op when Ray moved it
+        yield to_model_input(x), label_index.to(device, non_blocking=on_gpu)
 
 
 def parameter_groups(model: nn.Module, lr: float, backbone_scale: float) -> list[dict]:
@@ -309,7 +318,7 @@ def start_worker_run(loop: dict, restored: dict | None = None, source: str = "")
         schedule=schedule,
         scaler=scaler,
         weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-        augment=train_augmentation(loop["acquisition_shift"]) if loop["augment"] else None,
+        augment=BatchAugment(loop["acquisition_shift"]) if loop["augment"] else None,
         device=device,
         dtype=dtype,
         rank=rank,
@@ -652,7 +661,7 @@ def fit_networks(
                 "val_set": dataset_name(entry.val, "val"),
                 "image_size": config.image_size,
                 "epochs": settings.epochs,
-                "lr": settings.lr,
+                "lr": settings.lr * config.lr_factor,  # --lr-scaling with the batch size
                 "weight_decay": settings.weight_decay,
                 "lr_schedule": settings.lr_schedule,
                 "patience": settings.early_stopping_patience,

@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from pneumo_ray.config import (
     FEATURE_KINDS,
     LITE_ARCHITECTURES,
+    LR_BASE_BATCH,
     TrainConfig,
     patchcore_available,
 )
@@ -547,6 +548,12 @@ def build_card(
             "class_weights": weights,
             "imbalance": "inverse-frequency class weights in the binary and three-class losses",
             "scaling": vars(scaling),
+            "learning_rates": {
+                "rule": f"--lr-scaling {config.cluster.lr_scaling}: each --lr-<network> times "
+                f"{config.lr_factor:g} for --batch-size {config.batch_size} "
+                f"(the design's batch is {LR_BASE_BATCH})",
+                **{name: config.network(name).lr * config.lr_factor for name in NETWORKS},
+            },
             "precision": config.cluster.precision,
             "worker_nodes": {name: network.worker_nodes for name, network in trained.items()},
             "history": {name: network.history for name, network in trained.items()},

@@ -7,13 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumo_ray.io.images import (
-    ImageDecodeError,
-    augment_batch,
-    decode_image,
-    to_model_input,
-    train_augmentation,
-)
+from pneumo_ray.io.images import BatchAugment, ImageDecodeError, decode_image, to_model_input
 
 from ..conftest import CHEST_XRAY, FULLRES
 
@@ -104,9 +98,88 @@ def test_real_images_decode_and_scale_to_unit_range():
 def test_augmentation_changes_images_independently_and_keeps_shape():
     torch.manual_seed(0)
     x = to_model_input(np.stack([_gradient((64, 64))] * 4))
-    out = augment_batch(x, train_augmentation())
-    assert out.shape == x.shape
+    out = BatchAugment()(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     assert not torch.equal(out[0], out[1])  # each image draws its own transform
+
+
+def _centroid(image: torch.Tensor) -> tuple[float, float]:
+    """(row, column) of an image's intensity centroid."""
+    rows, cols = torch.meshgrid(
+        torch.arange(image.shape[-2]).float(), torch.arange(image.shape[-1]).float(), indexing="ij"
+    )
+    image = image.reshape(rows.shape)
+    return float((image * rows).sum() / image.sum()), float((image * cols).sum() / image.sum())
+
+
+def test_batched_augmentation_moves_a_point_where_the_per_image_transform_does():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.zeros(5, 1, 64, 64)
+    x[:, :, 18:21, 38:41] = 1.0  # a bright point off centre
+    params = {
+        "angle": torch.tensor([10.0, -7.0, 0.0, 3.0, 0.0]),
+        "translate": torch.tensor([[3.0, -2.0], [0.0, 0.0], [5.0, 4.0], [-6.0, 1.0], [0.0, 0.0]]),
+        "scale": torch.tensor([1.1, 0.9, 1.0, 1.05, 1.0]),
+        "shear": torch.tensor([8.0, 0.0, -5.0, 2.0, 0.0]),
+        "flip": torch.tensor([False, True, False, True, False]),
+        "brightness": torch.ones(5),
+        "contrast": torch.ones(5),
+    }
+    out = BatchAugment.apply(x, params)
+    for i in range(5):
+        expected = TF.affine(
+            x[i],
+            angle=float(params["angle"][i]),
+            translate=[int(v) for v in params["translate"][i]],
+            scale=float(params["scale"][i]),
+            shear=[float(params["shear"][i]), 0.0],
+            interpolation=InterpolationMode.BILINEAR,
+        )
+        if params["flip"][i]:
+            expected = TF.horizontal_flip(expected)
+        assert _centroid(out[i]) == pytest.approx(_centroid(expected), abs=1e-3)
+    assert torch.equal(out[4], x[4])  # the identity leaves the image as it was
+    assert _centroid(out[0])[1] > 44  # and the others did move it: 3 px right, zoomed out
+
+
+def test_batched_jitter_scales_brightness_then_contrast():
+    x = torch.full((2, 1, 8, 8), 0.25)
+    x[:, :, :, 4:] = 0.75
+    identity = {
+        "angle": torch.zeros(2), "translate": torch.zeros(2, 2), "scale": torch.ones(2),
+        "shear": torch.zeros(2), "flip": torch.zeros(2, dtype=torch.bool),
+    }  # fmt: skip
+    out = BatchAugment.apply(
+        x,
+        {**identity, "brightness": torch.tensor([1.2, 1.0]), "contrast": torch.tensor([1.0, 0.8])},
+    )
+    assert torch.allclose(out[0], x[0] * 1.2)
+    assert torch.allclose(out[1], 0.5 + (x[1] - 0.5) * 0.8)
+
+
+def test_batched_augmentation_draws_are_seeded_per_rank_and_epoch():
+    from pneumo_ray.training.loop import rank_seed
+
+    x = to_model_input(np.stack([_gradient((64, 64))] * 8))
+    augment = BatchAugment()
+
+    def draw(rank: int, epoch: int) -> torch.Tensor:
+        torch.manual_seed(rank_seed(7, rank, epoch))  # what train_epoch does
+        return augment(x)
+
+    assert torch.equal(draw(0, 3), draw(0, 3))  # a resumed epoch draws the same
+    assert not torch.equal(draw(0, 3), draw(1, 3))  # another rank, others
+    assert not torch.equal(draw(0, 3), draw(0, 4))  # another epoch, others
+    torch.manual_seed(0)
+    params = augment.draw(10_000, (224, 224))
+    assert params["angle"].abs().max() <= 10 and params["shear"].abs().max() <= 8
+    assert params["translate"].abs().max() <= 22.4
+    assert torch.equal(params["translate"], params["translate"].round())
+    assert params["scale"].min() >= 0.9 and params["scale"].max() <= 1.1
+    assert 0.45 < params["flip"].float().mean() < 0.55
 
 
 @pytest.mark.parametrize(

@@ -157,6 +157,9 @@ def test_the_console_is_quiet_by_default_and_verbose_on_request(unchanged_run, d
     assert "log file:" in quiet and "images listed:" in quiet
     log_file = re.search(r"log file: (\S+)", quiet).group(1)
     assert RAY_INFO.search(Path(log_file).read_text())  # Ray's logs went to the file
+    # Ray Data's native constructor-arguments notice: in the file, not on a healthy console
+    assert "constructor arguments" not in quiet and "ERROR" not in quiet
+    assert "constructor arguments in the object store" in Path(log_file).read_text()
     _, verbose, _ = drifted_run
     assert [line for line in verbose.splitlines() if RAY_INFO.search(line)]
 
@@ -164,6 +167,7 @@ def test_the_console_is_quiet_by_default_and_verbose_on_request(unchanged_run, d
 def test_the_training_console_shows_epochs_and_no_ray_info(trained):
     _, log = trained
     assert not [line for line in log.splitlines() if RAY_INFO.search(line)]
+    assert "constructor arguments" not in log  # the model actors' passes after training
     for network in ("binary", "multiclass", "autoencoder"):
         assert re.search(rf"^\[{network}\] epoch 1/\d+ train_loss=\S+ val_loss=", log, re.M)
     assert re.search(r"^\[binary\] epoch \d+/\d+ .*val_accuracy=", log, re.M)

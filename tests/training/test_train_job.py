@@ -59,6 +59,11 @@ def test_bundle_holds_every_file(trained):
     assert set(card["metrics"]["test"]) == {*MODELS, "binary_cnn"}  # + the binary network alone
     assert card["metrics"]["bootstrap"]["replicates"] == 1000
     assert card["training"]["class_weights"]["binary"][0] > 1.0  # normal is the minority
+    rates = card["training"]["learning_rates"]
+    assert rates["binary"] == pytest.approx(1e-3) and "--lr-scaling none" in rates["rule"]
+    history = card["training"]["history"]
+    assert history["binary"][0]["lr"] == pytest.approx(rates["binary"])  # the rate it used
+    assert history["multiclass"][0]["lr"] == pytest.approx(rates["multiclass"])
 
     reference = pq.read_table(bundle / "knn_reference.parquet")
     assert reference.column_names == ["image_uri", "label", "feature"]
