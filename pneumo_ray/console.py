@@ -170,16 +170,17 @@ class NativeStderr:
         if not _NATIVE_NOISE.search(data):
             view = memoryview(data)
             while view:
-                view = view[os.write(self.console, view) :]
+                view = view[os.write(self.console if self.console >= 0 else 2, view) :]
 
     def stop(self) -> None:
         if self.console < 0:
             return
         sys.stderr.flush()
         os.dup2(self.console, 2)  # the pipe's last writer closes: the pump drains and ends
-        os.close(self.console)
-        self.console = -1
         self.thread.join(timeout=5)
+        if not self.thread.is_alive():  # else a child process holds the pipe: keep the fd
+            os.close(self.console)
+        self.console = -1
 
 
 _installed: JobLog | None = None  # the job's, once installed
