@@ -47,7 +47,12 @@ from pneumo_ray.config import ARCHITECTURES, LITE_ARCHITECTURES, TrainConfig  # 
 from pneumo_ray.io import data  # noqa: E402
 from pneumo_ray.io.labels import split_by_patient  # noqa: E402
 from pneumo_ray.runtime import init_ray  # noqa: E402
-from pneumo_ray.scoring.score import ScoreConfig, read_scores, run_scoring  # noqa: E402
+from pneumo_ray.scoring.score import (  # noqa: E402
+    GPU_BATCH,
+    ScoreConfig,
+    read_scores,
+    run_scoring,
+)
 from pneumo_ray.training.loop import Scaling, fit_network  # noqa: E402
 
 COMPARED = (
@@ -72,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=ARCHITECTURES,
         help="the CNNs' (default: the gpu profile's, from ImageNet weights where it has them)",
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="scoring batch")
+    parser.add_argument(
+        "--batch-size", type=int, default=GPU_BATCH, help="scoring batch (the job's GPU default)"
+    )
     parser.add_argument(
         "--actors-per-gpu", default="1,2,4", help="scoring runs to compare (comma-separated)"
     )

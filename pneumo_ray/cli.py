@@ -390,7 +390,12 @@ def score_parser(prog: str | None = None) -> Parser:
         help="folder, s3:// prefix or manifest; repeatable",
     )
     parser.add_argument("--output", required=True, help="Parquet output folder or s3:// prefix")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per model batch (default: 64 on CPU actors, 256 on GPU actors)",
+    )
     parser.add_argument(
         "--num-workers",
         default=None,

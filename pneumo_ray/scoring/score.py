@@ -68,6 +68,11 @@ from pneumo_ray.scoring.ledger import (
 __all__ = ["OUTPUT_SCHEMA", "ScoreConfig", "committed_runs", "read_scores", "recover"]
 
 DECODE_BATCH = 32
+# Images per model batch (--batch-size): a CPU actor runs its networks in chunks of
+# models.outputs.CPU_CHUNK whatever the batch; a GPU actor gets larger batches (fewer kernel
+# launches and host round trips per image). 256 is not a GPU measurement yet: the device check
+# scores at it and prints the GPU memory it took.
+CPU_BATCH, GPU_BATCH = 64, 256
 DECODE_CPUS = 0.5
 ACTOR_START_TIMEOUT_S = 1800
 TODO_FILE_ROWS = 100_000
@@ -86,8 +91,9 @@ class ScoreConfig:
     """Folders, s3:// prefixes, or manifests (.txt/.csv/.parquet) of image URIs (--input)."""
     output: str
     """Parquet output folder or s3:// prefix (--output)."""
-    batch_size: int = 64
-    """Images per model batch (--batch-size)."""
+    batch_size: int | None = None
+    """Images per model batch; None: CPU_BATCH on CPU actors, GPU_BATCH on GPU actors
+    (--batch-size)."""
     num_workers: tuple[int, int] | None = None
     """Model actors as (min, max), from N or MIN-MAX (an autoscaling pool); None: one per GPU
     up now, else one per node (--num-workers)."""
@@ -125,7 +131,7 @@ class ScoreConfig:
         # through a symlinked folder.
         self.model, self.output = stores.normalize(self.model), stores.normalize(self.output)
         self.inputs = [stores.normalize(uri) for uri in self.inputs]
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.commit_every < 1:
             raise ConfigError(f"--commit-every must be at least 1, got {self.commit_every}")
@@ -525,6 +531,11 @@ def plan_work(config: ScoreConfig, run_id: str, model_version: str) -> WorkList:
 # --- scoring and committing ------------------------------------------------------------------
 
 
+def model_batch_size(asked: int | None, use_gpu: bool) -> int:
+    """--batch-size, or the default of the actors' device."""
+    return asked or (GPU_BATCH if use_gpu else CPU_BATCH)
+
+
 def build_pipeline(
     config: ScoreConfig, work: WorkList, image_size: int, heatmap_dir: str
 ) -> tuple[ray.data.Dataset, str]:
@@ -560,7 +571,7 @@ def build_pipeline(
                 "heatmaps": config.heatmaps,
                 "heatmap_dir": heatmap_dir,
             },
-            batch_size=config.batch_size,
+            batch_size=model_batch_size(config.batch_size, plan.use_gpu),
             batch_format="numpy",
             **plan.map_kwargs(),
         )
@@ -568,7 +579,9 @@ def build_pipeline(
     # Start scoring once every model actor has its bundle loaded, so the work spreads over all
     # of them (and nodes); generous, since an autoscaler may first have to start GPU nodes.
     ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    return dataset, f"{plan.describe()}, JPEG decode on {'GPU (nvJPEG)' if gpu_decode else 'CPU'}"
+    decode = "GPU (nvJPEG)" if gpu_decode else "CPU"
+    batch = model_batch_size(config.batch_size, plan.use_gpu)
+    return dataset, f"{plan.describe()}, batches of {batch}, JPEG decode on {decode}"
 
 
 class PartWriter:

@@ -142,3 +142,11 @@ def test_actors_per_gpu_is_checked_where_it_is_given():
 
     with pytest.raises(ConfigError, match="--actors-per-gpu"):
         ScoreConfig("model", ["in"], "out", actors_per_gpu=0)
+
+
+def test_gpu_actors_get_larger_batches_unless_one_is_asked_for():
+    from pneumo_ray.scoring.score import CPU_BATCH, GPU_BATCH, model_batch_size
+
+    assert (model_batch_size(None, False), model_batch_size(None, True)) == (CPU_BATCH, GPU_BATCH)
+    assert GPU_BATCH > CPU_BATCH
+    assert model_batch_size(16, True) == model_batch_size(16, False) == 16
