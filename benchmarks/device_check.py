@@ -211,8 +211,8 @@ def train_binary(args, precision: str, splits, batch: int, epochs: int = 2) -> d
 
 def decode_limit(folder: Path, size: int) -> dict:
     """The scoring job's CPU decode tasks alone (no model actors) over ``folder``'s images,
-    once and then twice over: the second run's extra images over its extra time is the
-    steady-state rate (start-up cancels out)."""
+    after a warm-up pass, once and then twice over: the second run's extra images over its
+    extra time is the steady-state rate (start-up cancels out)."""
     import ray
 
     from pneumo_ray.io.data import decode_batch
@@ -241,6 +241,7 @@ def decode_limit(folder: Path, size: int) -> dict:
             images += len(batch["image_uri"])
         return images, time.perf_counter() - started
 
+    run(1)  # warm-up: the decode workers start and import once, outside the measured runs
     once, twice = run(1), run(2)
     return {
         "images": once[0],
