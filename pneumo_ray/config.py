@@ -407,6 +407,10 @@ class TrainConfig:
         ratio = self.batch_size / LR_BASE_BATCH
         return {"none": 1.0, "sqrt": ratio**0.5, "linear": ratio}[self.cluster.lr_scaling]
 
+    def learning_rate(self, network: str) -> float:
+        """The rate ``network`` trains at: its --lr-<network> times ``lr_factor``."""
+        return self.network(network).lr * self.lr_factor
+
     def run_key(self, network: str, data_fingerprint: dict | None = None) -> str:
         """Name of a network's Ray Train run: the same settings on the same data resume the
         same run. ``data_fingerprint`` (URIs, sizes, mtimes of the training and validation

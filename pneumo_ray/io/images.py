@@ -299,9 +299,7 @@ def image_stats(images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
     if not isinstance(images, np.ndarray) and hasattr(images, "device"):
         return _image_stats_torch(images)
     x = np.asarray(images, dtype=np.float32) / 255.0  # (B, S, S)
-    laplacian = (
-        4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
-    )  # (B, S-2, S-2)
+    laplacian = _laplacian(x)
     return {
         "image_mean": x.mean(axis=(1, 2)),
         "image_contrast": x.std(axis=(1, 2)),
@@ -309,13 +307,18 @@ def image_stats(images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
     }
 
 
+def _laplacian(x):
+    """The 4-neighbour Laplacian of a (B, S, S) numpy or torch batch: (B, S-2, S-2)."""
+    return (
+        4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+    )
+
+
 def _image_stats_torch(images: torch.Tensor) -> dict[str, np.ndarray]:
     import torch
 
     x = images.to(torch.float32) / 255.0  # (B, S, S)
-    laplacian = (
-        4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
-    )
+    laplacian = _laplacian(x)
     stats = {
         "image_mean": x.mean(dim=(1, 2)),
         "image_contrast": x.std(dim=(1, 2), correction=0),

@@ -75,11 +75,6 @@ class KnnReference:
         counts = (votes[..., None] == np.arange(len(classes))).sum(axis=1)  # (B, C)
         return classes[counts.argmax(axis=1)], self.uris[index], distances.astype(np.float32)
 
-    def neighbours(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(URIs (B, k), distances (B, k)) of each row's nearest reference images."""
-        distances, index = self.classifier.kneighbors(features)
-        return self.uris[index], distances.astype(np.float32)
-
     def to_table(self) -> pa.Table:
         features = self.features
         return pa.table(

@@ -544,6 +544,7 @@ def build_pipeline(
         config.num_workers, config.use_gpu, config.threads_per_actor, config.actors_per_gpu
     )
     gpu_decode = config.decode == "gpu" or (config.decode == "auto" and plan.use_gpu)
+    batch = model_batch_size(config.batch_size, plan.use_gpu)
     fs, _ = stores.resolve(config.output)
     dataset = (
         ray.data.read_parquet([stores.resolve(uri)[1] for uri in work.files], filesystem=fs)
@@ -571,7 +572,7 @@ def build_pipeline(
                 "heatmaps": config.heatmaps,
                 "heatmap_dir": heatmap_dir,
             },
-            batch_size=model_batch_size(config.batch_size, plan.use_gpu),
+            batch_size=batch,
             batch_format="numpy",
             **plan.map_kwargs(),
         )
@@ -580,7 +581,6 @@ def build_pipeline(
     # of them (and nodes); generous, since an autoscaler may first have to start GPU nodes.
     ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     decode = "GPU (nvJPEG)" if gpu_decode else "CPU"
-    batch = model_batch_size(config.batch_size, plan.use_gpu)
     return dataset, f"{plan.describe()}, batches of {batch}, JPEG decode on {decode}"
 
 

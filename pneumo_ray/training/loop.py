@@ -661,7 +661,7 @@ def fit_networks(
                 "val_set": dataset_name(entry.val, "val"),
                 "image_size": config.image_size,
                 "epochs": settings.epochs,
-                "lr": settings.lr * config.lr_factor,  # --lr-scaling with the batch size
+                "lr": config.learning_rate(network),  # --lr-scaling with the batch size
                 "weight_decay": settings.weight_decay,
                 "lr_schedule": settings.lr_schedule,
                 "patience": settings.early_stopping_patience,

@@ -552,7 +552,7 @@ def build_card(
                 "rule": f"--lr-scaling {config.cluster.lr_scaling}: each --lr-<network> times "
                 f"{config.lr_factor:g} for --batch-size {config.batch_size} "
                 f"(the design's batch is {LR_BASE_BATCH})",
-                **{name: config.network(name).lr * config.lr_factor for name in NETWORKS},
+                **{name: config.learning_rate(name) for name in NETWORKS},
             },
             "precision": config.cluster.precision,
             "worker_nodes": {name: network.worker_nodes for name, network in trained.items()},

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ..conftest import REPO, run_job
+from ..conftest import run_job
+from . import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "data_stats", REPO / "benchmarks" / "data_stats.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("data_stats")
 
 
 def test_laplacian_energy_falls_when_an_image_is_blurred():

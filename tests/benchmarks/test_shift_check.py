@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from ..conftest import REPO, run_job
+from ..conftest import run_job
+from . import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "shift_check", REPO / "benchmarks" / "shift_check.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("shift_check")
 
 
 @pytest.mark.integration

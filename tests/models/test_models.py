@@ -76,7 +76,7 @@ def test_knn_reference_round_trips_through_parquet(tmp_path):
     assert (again.k, again.feature_kind) == (5, "softmax")
     query = rng.normal(size=(7, 3)).astype(np.float32)
     assert list(again.predict(query)) == list(knn.predict(query))
-    neighbour_uris, distances = again.neighbours(query)
+    _, neighbour_uris, distances = again.query(query)
     assert neighbour_uris.shape == (7, 5) and set(neighbour_uris.ravel()) <= set(uris)
     assert np.all(np.diff(distances, axis=1) >= 0)  # nearest first
 
@@ -90,9 +90,9 @@ def test_one_knn_query_gives_predicts_labels_and_the_neighbours(k):
     query = rng.random((500, 3)).astype(np.float32)
     voted, neighbour_uris, distances = knn.query(query)
     assert list(voted) == list(knn.predict(query))
-    expected_uris, expected_distances = knn.neighbours(query)
-    assert np.array_equal(neighbour_uris, expected_uris)
-    assert np.array_equal(distances, expected_distances)
+    expected_distances, index = knn.classifier.kneighbors(query)
+    assert np.array_equal(neighbour_uris, knn.uris[index])
+    assert np.array_equal(distances, expected_distances.astype(np.float32))
 
 
 def test_knn_needs_k_reference_images_and_a_known_feature_kind():
