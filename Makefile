@@ -13,7 +13,7 @@ DEMO_FLAGS ?= --image-size 64 --epochs 5 --lr-binary 1e-3
 # torch/torchvision pinned to the releases this machine has on disk (pyproject caps them).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo demo-jobs test test-fast quality device-check lint format venv clean
+.PHONY: demo demo-jobs test test-fast quality site-adaptation device-check lint format venv clean
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ QUALITY_DATA ?= ../shared/data/chest_xray
 QUALITY_PROFILE ?= lite
 quality: venv
 	$(PY) jobs/quality.py --data $(QUALITY_DATA) --output out/quality --profile $(QUALITY_PROFILE)
+
+# What adapting the quality bundle to the test site gives (pneumo-adapt, cross-fitted: each half
+# of the test patients predicted by the bundle adapted on the other half); about 2 minutes.
+SITE_FLAGS ?=
+site-adaptation: venv
+	$(PY) benchmarks/site_adaptation.py --model out/quality --data $(QUALITY_DATA) $(SITE_FLAGS)
 
 # Issue 9's GPU device check (a GPU machine, about 2 minutes on one H200): one epoch of GPU
 # training in bf16 and fp32, then 5,000 full-resolution images scored with GPU actors, with CPU

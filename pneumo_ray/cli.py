@@ -1,4 +1,5 @@
-"""The command lines of the three jobs: ``pneumo-train``, ``pneumo-score``, ``pneumo-evaluate``.
+"""The command lines of the jobs: ``pneumo-train``, ``pneumo-score``, ``pneumo-evaluate`` and
+``pneumo-adapt``.
 
 The console scripts of ``pyproject.toml`` and the thin ``jobs/*.py`` wrappers (what ``ray job
 submit --working-dir . -- python jobs/train.py ...`` runs) both end here. Every value is
@@ -455,7 +456,7 @@ def score_parser(prog: str | None = None) -> Parser:
     parser.add_argument(
         "--fail-on-drift",
         action="store_true",
-        help="exit with code 3 when the run's report finds drift against the training "
+        help="exit with code 3 when the run's report finds drift against the bundle's "
         "reference (the rows are committed all the same), so a scheduler can alert",
     )
     return parser
@@ -505,7 +506,7 @@ def score_main(argv: Sequence[str] | None = None, prog: str | None = None) -> No
             from pneumo_ray.scoring.score import DRIFT_EXIT_CODE
 
             print(
-                "[pneumo_ray] drift against the training reference in "
+                "[pneumo_ray] drift against the bundle's reference in "
                 f"{', '.join(summary.drifted)} (--fail-on-drift): exit {DRIFT_EXIT_CODE}",
                 file=sys.stderr,
                 flush=True,
@@ -560,6 +561,90 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str | None = None) ->
     _run(evaluate_parser(prog), evaluate, argv)
 
 
+# --- pneumo-adapt -----------------------------------------------------------------------------
+
+
+def adapt_parser(prog: str | None = None) -> Parser:
+    parser = Parser(
+        prog=prog,
+        description="Adapt a trained bundle to a site: re-choose both CNNs' temperatures, a "
+        "logistic map of the binary scores, and the binary and anomaly thresholds on labelled "
+        "images of the site (with the rules the bundle was trained with); add them to the "
+        "KNN's reference images and its normal images to the anomaly score's reference; write "
+        "the adapted bundle to --output. No network is retrained.",
+    )
+    parser.add_argument("--model", required=True, help="model bundle (folder or s3:// URI)")
+    parser.add_argument("--data", required=True, help="the site's labelled store (Kaggle layout)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test"],
+        help="which split of --data holds the site's labelled images (default test)",
+    )
+    parser.add_argument(
+        "--output", required=True, help="where the adapted bundle goes (not --model)"
+    )
+    parser.add_argument(
+        "--binary-threshold",
+        choices=BINARY_THRESHOLD_RULES,
+        default=None,
+        help="rule for the binary threshold (default: the bundle's training rule)",
+    )
+    parser.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=None,
+        help="sensitivity the threshold keeps on the site's images (default: the bundle's)",
+    )
+    parser.add_argument(
+        "--anomaly-percentile",
+        type=float,
+        default=None,
+        help="percentile of the site's normal images' anomaly scores (default: the bundle's)",
+    )
+    parser.add_argument(
+        "--score-map",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the temperatures, map each binary score by sigmoid(a logit(p) + b) fitted "
+        "on the site (default); --no-score-map: the temperatures alone",
+    )
+    parser.add_argument(
+        "--knn",
+        choices=("add", "keep"),
+        default="add",
+        help="add the site's images to the KNN's reference images (default), or keep them",
+    )
+    parser.add_argument(
+        "--normals",
+        choices=("add", "keep"),
+        default="add",
+        help="add the site's normal images to the anomaly score's normal reference "
+        "(PatchCore's memory bank, the latent score's codes; default), or keep it",
+    )
+    _add_ray_flags(parser)
+    return parser
+
+
+def adapt_main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    def adapt(args: argparse.Namespace) -> None:
+        from pneumo_ray.training.adaptation import SiteRules, adapt_store
+
+        overrides = {
+            "binary_threshold": args.binary_threshold,
+            "target_sensitivity": args.target_sensitivity,
+            "anomaly_percentile": args.anomaly_percentile,
+            "score_map": args.score_map,
+            "knn": args.knn,
+            "normals": args.normals,
+        }
+        SiteRules(**{k: v for k, v in overrides.items() if v is not None}).check()
+        connect(args, "adapt")
+        adapt_store(args.model, args.data, args.split, args.output, overrides)
+
+    _run(adapt_parser(prog), adapt, argv)
+
+
 # --- shared -----------------------------------------------------------------------------------
 
 
@@ -588,12 +673,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The errors a user can fix (bad flag, missing store, bad file name, bad bundle): jobs print
     them as one line and exit non-zero; anything else is a bug and keeps its traceback. Imported
     when a job runs, so that ``--help`` loads none of the stages."""
+    from pneumo_ray.errors import SiteError
     from pneumo_ray.io.data import StoreLayoutError
     from pneumo_ray.io.labels import LabelError
     from pneumo_ray.io.stores import StoreError
     from pneumo_ray.models.bundle import BundleError
 
-    return (BundleError, ConfigError, LabelError, StoreError, StoreLayoutError)
+    return (BundleError, ConfigError, LabelError, SiteError, StoreError, StoreLayoutError)
 
 
 def _run(

@@ -16,3 +16,8 @@ class MissingPackageError(ConfigError):
             + (f" ({detail})" if detail else "")
             + f": pip install {package}, or pip install 'pneumo_ray[pretrained]'"
         )
+
+
+class SiteError(ValueError):
+    """A site's labelled images cannot set an operating point (pneumo-adapt): a class is
+    missing."""

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--data", "/s", "--output", "/o"]
 SCORE = ["--model", "/m", "--input", "/i", "--output", "/o"]
 EVALUATE = ["--model", "/m", "--data", "/s"]
+ADAPT = ["--model", "/m", "--data", "/s", "--output", "/a"]
 
 BAD_VALUES = [
     # (command, flags, the flag the message must name)
@@ -68,9 +69,20 @@ BAD_VALUES = [
     ("train", ["--log-file"], "--log-file"),
     ("evaluate", ["--bootstrap", "-1"], "--bootstrap"),
     ("evaluate", ["--split", "dev"], "--split"),
+    ("adapt", ["--target-sensitivity", "1.5"], "--target-sensitivity"),
+    ("adapt", ["--anomaly-percentile", "20"], "--anomaly-percentile"),
+    ("adapt", ["--binary-threshold", "half"], "--binary-threshold"),
+    ("adapt", ["--knn", "replace"], "--knn"),
+    ("adapt", ["--normals", "drop"], "--normals"),
+    ("adapt", ["--score-map=yes"], "--score-map"),
 ]
-MAINS = {"train": cli.train_main, "score": cli.score_main, "evaluate": cli.evaluate_main}
-REQUIRED = {"train": TRAIN, "score": SCORE, "evaluate": EVALUATE}
+MAINS = {
+    "train": cli.train_main,
+    "score": cli.score_main,
+    "evaluate": cli.evaluate_main,
+    "adapt": cli.adapt_main,
+}
+REQUIRED = {"train": TRAIN, "score": SCORE, "evaluate": EVALUATE, "adapt": ADAPT}
 
 
 @pytest.mark.parametrize(("command", "flags", "flag"), BAD_VALUES)
@@ -115,7 +127,9 @@ def test_constants_repeated_for_a_torch_free_help_match_their_modules():
     assert cli.BOOTSTRAP_REPLICATES == BOOTSTRAP_REPLICATES
 
 
-@pytest.mark.parametrize("command", ["pneumo-train", "pneumo-score", "pneumo-evaluate"])
+@pytest.mark.parametrize(
+    "command", ["pneumo-train", "pneumo-score", "pneumo-evaluate", "pneumo-adapt"]
+)
 def test_console_scripts_are_installed_and_refuse_in_one_line(command):
     script = Path(sys.executable).parent / command
     assert script.exists(), f"{command} is not installed beside {sys.executable}"
@@ -128,16 +142,17 @@ def test_console_scripts_are_installed_and_refuse_in_one_line(command):
         + ", ".join(
             {"pneumo-train": ["--data", "--output"],
              "pneumo-score": ["--model", "--input", "--output"],
-             "pneumo-evaluate": ["--model", "--data"]}[command]
+             "pneumo-evaluate": ["--model", "--data"],
+             "pneumo-adapt": ["--model", "--data", "--output"]}[command]
         )
     ]  # fmt: skip
 
 
 def test_job_files_are_thin_wrappers_without_path_edits():
-    for name in ("train", "score", "evaluate", "quality"):
+    for name in ("train", "score", "evaluate", "adapt", "quality"):
         text = (REPO / "jobs" / f"{name}.py").read_text()
         assert "sys.path" not in text, name
-    for name in ("train", "score", "evaluate"):
+    for name in ("train", "score", "evaluate", "adapt"):
         result = subprocess.run(
             [sys.executable, f"jobs/{name}.py", "--help"],
             cwd=REPO, capture_output=True, text=True, timeout=60,

@@ -122,6 +122,17 @@ class NormalReference:
         index = NearestNeighbors(n_neighbors=k).fit((features - mean) / scale)
         return cls(uris, features, mean.astype(np.float32), scale.astype(np.float32), k, index)
 
+    def extended(self, uris: list[str], features: np.ndarray) -> NormalReference:
+        """A copy with more normal images (a site's) added, standardized as this one is, so
+        that its distances stay comparable with this reference's."""
+        return self._build(
+            np.concatenate([self.uris, np.asarray(uris)]),
+            np.concatenate([self.features, np.asarray(features, dtype=np.float32)]),
+            self.mean,
+            self.scale,
+            self.k,
+        )
+
     def score(self, features: np.ndarray) -> np.ndarray:
         """Mean distance to the k nearest normal reference images (B,)."""
         distances, _ = self.index.kneighbors((np.asarray(features) - self.mean) / self.scale)

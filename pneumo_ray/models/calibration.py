@@ -2,8 +2,11 @@
 
 Temperature scaling (Guo et al., ICML 2017) divides a network's logits by one number T fitted
 on validation to minimize the negative log-likelihood: the ranking (and so the AUC and the
-argmax) is unchanged, only how sure the probabilities are. numpy only: the scoring driver and
-evaluation use it without torch.
+argmax) is unchanged, only how sure the probabilities are. It cannot move scores that sit too
+high as a whole, which is what another site's images do; a site's logistic score map (Platt
+scaling of the final score, ``sigmoid(a logit(p) + b)``, fitted on the site's labelled images by
+pneumo-adapt) can, and is monotone too. numpy only: the scoring driver and evaluation use it
+without torch.
 """
 
 from __future__ import annotations
@@ -59,19 +62,56 @@ def combined_score(p_binary: np.ndarray, p_normal: np.ndarray) -> np.ndarray:
     return (np.asarray(p_binary) + 1.0 - np.asarray(p_normal)) / 2.0
 
 
+SCORE_MAPPED = ("p_pneumonia", "p_pneumonia_cnn")  # the scores a site's map may apply to
+PROBABILITY_CLIP = 1e-7  # logit(p) of a saturated float stays finite
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)
+    return np.log(p) - np.log1p(-p)
+
+
+def fit_score_map(p: np.ndarray, is_positive: np.ndarray) -> dict[str, float]:
+    """The logistic map ``sigmoid(a logit(p) + b)`` minimizing the NLL of these labels (Platt
+    scaling of a probability); the identity (a 1, b 0) without both classes."""
+    from scipy.optimize import minimize
+
+    z = logit(p)
+    y = np.asarray(is_positive, dtype=bool)
+    if len(y) == 0 or y.all() or not y.any():
+        return {"a": 1.0, "b": 0.0}
+
+    def nll(w: np.ndarray) -> float:
+        s = w[0] * z + w[1]
+        return float(np.mean(np.logaddexp(0.0, np.where(y, -s, s))))
+
+    a, b = minimize(nll, np.array([1.0, 0.0]), method="Nelder-Mead",
+                    options={"xatol": 1e-6, "fatol": 1e-10}).x  # fmt: skip
+    return {"a": float(a), "b": float(b)}
+
+
+def apply_score_map(p: np.ndarray, score_map: dict[str, float]) -> np.ndarray:
+    return sigmoid(score_map["a"] * logit(p) + score_map["b"])
+
+
 def calibrated_outputs(
     binary_logit: np.ndarray,
     multiclass_logits: np.ndarray,
     temperatures: dict[str, float],
     binary_score: str,
+    score_maps: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, np.ndarray]:
     """The CNNs' raw logits -> ``p_pneumonia_cnn`` (the binary network, sigmoid(logit / T)),
     ``probs`` (three-class softmax(logits / T)) and ``p_pneumonia``: ``combined_score`` of
-    the two for ``binary_score`` "combined", else ``p_pneumonia_cnn``."""
+    the two for ``binary_score`` "combined", else ``p_pneumonia_cnn``. ``score_maps`` (a
+    site's, by score name) then map p_pneumonia and p_pneumonia_cnn."""
     p_cnn = sigmoid(np.asarray(binary_logit) / temperatures["binary"])
     probs = softmax(np.asarray(multiclass_logits) / temperatures["multiclass"])
     p = combined_score(p_cnn, probs[:, 0]) if binary_score == "combined" else p_cnn
-    return {"p_pneumonia": p, "p_pneumonia_cnn": p_cnn, "probs": probs}
+    out = {"p_pneumonia": p, "p_pneumonia_cnn": p_cnn, "probs": probs}
+    for name, score_map in (score_maps or {}).items():
+        out[name] = apply_score_map(out[name], score_map)
+    return out
 
 
 def reliability(

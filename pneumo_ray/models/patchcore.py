@@ -148,6 +148,17 @@ class PatchMemory:
         chosen = greedy_coreset(flat, size, seed)
         return cls(flat[chosen], grid, "max", len(flat))
 
+    def extended(self, patches: np.ndarray, seed: int = 0) -> PatchMemory:
+        """A copy with a coreset of ``patches`` ((N, P, D) or (N * P, D): more normal images,
+        a site's) added to the bank, selected as ``fit`` selects; the reduction is kept."""
+        added = PatchMemory.fit(patches, self.grid, seed)
+        return PatchMemory(
+            np.concatenate([self.features, added.features]),
+            self.grid,
+            self.reduction,
+            self.source_patches + added.source_patches,
+        )
+
     def to_table(self) -> pa.Table:
         dim = self.features.shape[1]
         return pa.table(

@@ -2,7 +2,7 @@
 
 The HTML is one self-contained file (every plot and image embedded as a data: URI, no script,
 no link outside it), so it opens from a local disk or an S3 download with no server. It shows
-the counts, the drift verdicts against the bundle's training reference with one plot per
+the counts, the drift verdicts against the bundle's reference with one plot per
 monitored statistic, the flagged rates, and the top flagged images with their Grad-CAM
 overlays and their KNN neighbours (real training images).
 """
@@ -88,12 +88,12 @@ def _distribution_plot(profile: RunProfile, name: str, verdict: dict) -> str:
     if h.stat.numeric:
         centers = (h.plot_edges[:-1] + h.plot_edges[1:]) / 2
         width = h.plot_edges[1] - h.plot_edges[0]
-        axis.bar(centers, ref, width=width, color="#bbbbbb", label="training reference")
+        axis.bar(centers, ref, width=width, color="#bbbbbb", label="bundle reference")
         axis.step(centers, run, where="mid", color="#d62728", linewidth=1.8, label="this run")
         axis.set_ylabel("share of images")
     else:
         x = np.arange(len(h.stat.categories))
-        axis.bar(x - 0.2, ref, width=0.4, color="#bbbbbb", label="training reference")
+        axis.bar(x - 0.2, ref, width=0.4, color="#bbbbbb", label="bundle reference")
         axis.bar(x + 0.2, run, width=0.4, color="#d62728", label="this run")
         axis.set_xticks(x, h.stat.categories)
         axis.set_ylabel("share of images")
@@ -175,7 +175,7 @@ def render_html(summary: dict, profile: RunProfile) -> str:
         _counts(summary),
         "<h2>Flagged rates</h2>",
         _flagged(summary),
-        "<h2>Drift against the training reference</h2>",
+        "<h2>Drift against the bundle's reference</h2>",
         _drift(summary, profile),
         "<h2>Top flagged images</h2>",
         _cases(profile),
@@ -222,7 +222,7 @@ def _flagged(summary: dict) -> str:
         [_e(names[key]), _fmt(rate["run"]), _fmt(rate["reference"])]
         for key, rate in summary["flagged"].items()
     ]
-    return _table(["flag", "this run", "training reference"], rows)
+    return _table(["flag", "this run", "bundle reference"], rows)
 
 
 def _drift(summary: dict, profile: RunProfile) -> str:

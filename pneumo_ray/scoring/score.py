@@ -343,7 +343,7 @@ class ScoreSummary:
             + (f" (run {self.run_id})" if self.parts else " (nothing new to score)")
             + (f"\nreport: {self.report}" if self.report else "")
             + (
-                f"\nDRIFT against the training reference: {', '.join(self.drifted)}"
+                f"\nDRIFT against the bundle's reference: {', '.join(self.drifted)}"
                 if self.drifted
                 else "\ndrift: none found"
                 if self.report

@@ -338,6 +338,22 @@ def results_table(metrics: dict, targets: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def split_images(store: str, split: str) -> list:
+    """The labelled images of one split of a store; StoreLayoutError when it has none."""
+    images = [i for i in data.list_store(store) if i.split == split]
+    if not images:
+        raise data.StoreLayoutError(f"{store}: no images in the {split!r} split")
+    return images
+
+
+def decode_images(images: list, image_size: int) -> data.DecodedSplit:
+    """Decode labelled images with Ray Data for a bundle, saying which could not be read."""
+    decoded = data.decode_split(images, image_size, seed=0)
+    for uri, why in decoded.failed:
+        log(f"skipped unreadable image {uri}: {why}")
+    return decoded
+
+
 def evaluate_store(
     model: str,
     store: str,
@@ -352,16 +368,12 @@ def evaluate_store(
     model, store = stores.normalize(model), stores.normalize(store)
     output = stores.normalize_optional(output)
     bundle = load_bundle(model)
-    images = [i for i in data.list_store(store) if i.split == split]
-    if not images:
-        raise data.StoreLayoutError(f"{store}: no images in the {split!r} split")
+    images = split_images(store, split)
     log(
         f"evaluating bundle {bundle.model_version} on {len(images)} {split} images of {store} "
         f"at {bundle.image_size}x{bundle.image_size}"
     )
-    decoded = data.decode_split(images, bundle.image_size, seed=0)
-    for uri, why in decoded.failed:
-        log(f"skipped unreadable image {uri}: {why}")
+    decoded = decode_images(images, bundle.image_size)
     evaluation = evaluate_bundle(bundle, decoded.dataset, replicates)
     output = output or stores.join(model, "evaluation", split)
     with tempfile.TemporaryDirectory() as directory:

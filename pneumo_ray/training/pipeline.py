@@ -93,66 +93,93 @@ def _choose_knn(
     return fitted[chosen], val_accuracy
 
 
-def _calibrate(config: TrainConfig, val_out: dict) -> dict:
-    """Temperatures of both CNNs fitted on validation (1.0 with --no-calibrate), with the
-    validation ECE of p_pneumonia before and after; the card's calibration entry."""
-    is_pneumonia = val_out["label_index"] > 0
+def calibrate(
+    outputs: dict,
+    fit: bool,
+    binary_score: str,
+    where: str = "validation",
+    score_maps: bool = False,
+) -> dict:
+    """Temperatures of both CNNs fitted on ``outputs`` (labelled images: validation in
+    training, a site's images in pneumo-adapt; 1.0 when not ``fit``), with ``score_maps``
+    then a logistic map of each binary score (pneumo-adapt), and the ECE of p_pneumonia there
+    before and after; the card's calibration entry."""
+    is_pneumonia = outputs["label_index"] > 0
     temperatures = {"binary": 1.0, "multiclass": 1.0}
-    if config.robustness.calibrate:
+    if fit:
         temperatures = {
-            "binary": calibration.fit_temperature(val_out["binary_logit"], is_pneumonia),
+            "binary": calibration.fit_temperature(outputs["binary_logit"], is_pneumonia),
             "multiclass": calibration.fit_temperature(
-                val_out["multiclass_logits"], val_out["label_index"]
+                outputs["multiclass_logits"], outputs["label_index"]
             ),
         }
+    maps = None
+    if fit and score_maps:
+        scaled = binary_scores(outputs, temperatures, binary_score)
+        maps = {
+            name: calibration.fit_score_map(scaled[name], is_pneumonia)
+            for name in calibration.SCORE_MAPPED
+        }
     ece = {}
-    for label, t in (
-        ("uncalibrated", {"binary": 1.0, "multiclass": 1.0}),
-        ("calibrated", temperatures),
+    for label, t, m in (
+        ("uncalibrated", {"binary": 1.0, "multiclass": 1.0}, None),
+        ("calibrated", temperatures, maps),
     ):
-        p = _binary_scores(config, val_out, t)
+        p = binary_scores(outputs, t, binary_score, m)
         ece[label] = {
             kind: calibration.expected_calibration_error(p[kind], is_pneumonia)
             for kind in ("p_pneumonia", "p_pneumonia_cnn")
         }
-    return {
-        "temperatures": temperatures,
-        "method": "temperature scaling: logits / T, T minimizing validation NLL"
-        if config.robustness.calibrate
-        else "none (--no-calibrate)",
-        "validation_ece": ece,
-    }
+    method = f"temperature scaling: logits / T, T minimizing {where} NLL"
+    entry = {"temperatures": temperatures, "method": method if fit else "none (--no-calibrate)"}
+    if maps:
+        entry["score_maps"] = maps
+        entry["method"] = (
+            f"{method}; then p_pneumonia and p_pneumonia_cnn each mapped by sigmoid(a logit(p) "
+            f"+ b), a and b minimizing {where} NLL (score_maps)"
+        )
+    entry[f"{where}_ece"] = ece
+    return entry
 
 
-def _binary_scores(config: TrainConfig, val_out: dict, temperatures: dict) -> dict:
+def binary_scores(
+    outputs: dict, temperatures: dict, binary_score: str, score_maps: dict | None = None
+) -> dict:
     """p_pneumonia (the --binary-score) and p_pneumonia_cnn from raw outputs, as the bundle
     computes them."""
     return calibration.calibrated_outputs(
-        val_out["binary_logit"],
-        val_out["multiclass_logits"],
+        outputs["binary_logit"],
+        outputs["multiclass_logits"],
         temperatures,
-        config.robustness.binary_score,
+        binary_score,
+        score_maps,
     )
 
 
-def _binary_threshold(config: TrainConfig, val_out: dict, temperatures: dict) -> tuple[float, dict]:
-    """The binary threshold from validation outputs, and the card entry that says how."""
-    is_pneumonia = val_out["label_index"] > 0
-    scores = _binary_scores(config, val_out, temperatures)["p_pneumonia"]
-    target = config.validation.target_sensitivity
-    if config.validation.binary_threshold == "sensitivity":
-        threshold = report.sensitivity_threshold(is_pneumonia, scores, target)
-        rule = (
-            f"highest threshold with validation sensitivity >= {target:g} "
+def choose_binary_threshold(
+    outputs: dict,
+    temperatures: dict,
+    binary_score: str,
+    rule: str,
+    target_sensitivity: float,
+    where: str = "validation",
+    score_maps: dict | None = None,
+) -> tuple[float, dict]:
+    """The binary threshold from labelled images' raw outputs (``rule``: sensitivity or
+    youden), and the card entry that says how, with the operating point there."""
+    is_pneumonia = outputs["label_index"] > 0
+    scores = binary_scores(outputs, temperatures, binary_score, score_maps)["p_pneumonia"]
+    if rule == "sensitivity":
+        threshold = report.sensitivity_threshold(is_pneumonia, scores, target_sensitivity)
+        text = (
+            f"highest threshold with {where} sensitivity >= {target_sensitivity:g} "
             "(--binary-threshold sensitivity)"
         )
     else:
         threshold = report.youden_threshold(is_pneumonia, scores)
-        rule = (
-            "Youden's J (max sensitivity + specificity) on validation (--binary-threshold youden)"
-        )
-    validation = report.operating_point(is_pneumonia, scores, threshold)
-    return threshold, {"threshold_rule": rule, "validation": validation}
+        text = f"Youden's J (max sensitivity + specificity) on {where} (--binary-threshold youden)"
+    point = report.operating_point(is_pneumonia, scores, threshold)
+    return threshold, {"threshold_rule": text, where: point}
 
 
 def _validation_auc(is_pneumonia: np.ndarray, values: np.ndarray) -> float:
@@ -389,8 +416,15 @@ def fit_references(
         plan,
     )
     train_out = run_models(splits.train.dataset, networks("multiclass"), plan)
-    calibrated = _calibrate(config, val_out)
-    binary_threshold, binary_rule = _binary_threshold(config, val_out, calibrated["temperatures"])
+    robustness, choices = config.robustness, config.validation
+    calibrated = calibrate(val_out, robustness.calibrate, robustness.binary_score)
+    binary_threshold, binary_rule = choose_binary_threshold(
+        val_out,
+        calibrated["temperatures"],
+        robustness.binary_score,
+        choices.binary_threshold,
+        choices.target_sensitivity,
+    )
     knn, knn_val_accuracy = _choose_knn(config, train_out, val_out)
     normal_reference, anomaly_kind, anomaly_scores = _choose_anomaly_score(
         config, normal_train_out, val_out, memory

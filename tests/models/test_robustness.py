@@ -201,6 +201,25 @@ def test_temperature_scaling_recovers_an_overconfidence_factor():
     assert fit_temperature(logits, np.zeros(20_000, dtype=int)) == 1.0  # one class: nothing to fit
 
 
+def test_score_map_recovers_a_shift_and_a_scale_and_keeps_the_ranking():
+    from pneumo_ray.models.calibration import apply_score_map, fit_score_map, logit
+
+    rng = np.random.default_rng(3)
+    true_logit = rng.normal(0, 2, 20_000)
+    labels = rng.random(20_000) < sigmoid(true_logit)
+    # Scores that sit 2.5 logits too high and 1.5 times too sure, as on another site:
+    # logit(p) = 1.5 * true + 2.5, so true = a logit(p) + b with a = 1 / 1.5, b = -2.5 / 1.5.
+    p = sigmoid(1.5 * true_logit + 2.5)
+    score_map = fit_score_map(p, labels)
+    assert score_map["a"] == pytest.approx(1 / 1.5, rel=0.05)
+    assert score_map["b"] == pytest.approx(-2.5 / 1.5, abs=0.1)
+    mapped = apply_score_map(p, score_map)
+    assert expected_calibration_error(mapped, labels) < 0.02 < expected_calibration_error(p, labels)
+    assert (np.argsort(mapped, kind="stable") == np.argsort(p, kind="stable")).all()
+    assert np.isfinite(logit(np.array([0.0, 1.0]))).all()  # saturated scores stay finite
+    assert fit_score_map(p, np.ones(20_000, dtype=bool)) == {"a": 1.0, "b": 0.0}
+
+
 def test_expected_calibration_error_is_small_when_calibrated_and_large_when_not():
     rng = np.random.default_rng(1)
     p = rng.random(50_000)
@@ -229,6 +248,17 @@ def test_bundle_applies_its_temperatures_and_the_combined_score():
     )  # calibration never changes the argmax
     bundle.card["models"]["binary"]["score"] = "network"
     np.testing.assert_allclose(bundle.predict(images)["p_pneumonia"], p_cnn, rtol=1e-5)
+    # A site's score maps (pneumo-adapt) apply after the temperatures, to both binary scores.
+    from pneumo_ray.models.calibration import apply_score_map
+
+    maps = {"p_pneumonia": {"a": 0.8, "b": -1.0}, "p_pneumonia_cnn": {"a": 1.2, "b": 0.5}}
+    bundle.card["calibration"] = {"score_maps": maps}
+    out = bundle.predict(images)
+    for name in maps:
+        np.testing.assert_allclose(out[name], apply_score_map(p_cnn, maps[name]), rtol=1e-5)
+    assert list(out["pred_binary"]) == list(
+        np.where(out["p_pneumonia"] >= 0.45, "pneumonia", "normal")
+    )
 
 
 # --- the inpainting anomaly score ------------------------------------------------------------

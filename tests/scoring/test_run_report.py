@@ -96,7 +96,7 @@ def test_a_blurred_darkened_store_drifts_and_fails_the_job(drifted_run, stores):
     assert {"image_mean", "image_sharpness"} <= set(summary["drifted"])
     mean = summary["drift"]["image_mean"]
     assert mean["run_mean"] < mean["reference_mean"] and mean["psi"] >= 0.25
-    assert f"exit {DRIFT_EXIT_CODE}" in log and "DRIFT against the training reference" in log
+    assert f"exit {DRIFT_EXIT_CODE}" in log and "DRIFT against the bundle's reference" in log
     # The rows are committed all the same: drift is news, not a failure to score.
     assert read_scores(str(output)).num_rows == stores[2]
 
