@@ -26,9 +26,9 @@ What is refitted on the site's images, with the rules the bundle was trained wit
 
 Why: a bundle's thresholds and temperatures are chosen on validation images drawn from the
 training store. The networks rank another site's images about as well (README Results: ROC AUC
-0.974-0.977 on the Kaggle test split), but their scores sit elsewhere there, so the operating
-point chosen on validation does not transfer (specificity 0.71 and 0.83 in two runs, ECE
-0.11-0.12). Where the images come from is a property of the site; a few hundred of its
+0.968-0.977 on the Kaggle test split), but their scores sit elsewhere there, so the operating
+point chosen on validation does not transfer (specificity 0.71-0.83 in three runs, ECE
+0.11-0.14). Where the images come from is a property of the site; a few hundred of its
 labelled images set it. ``benchmarks/site_adaptation.py`` measures what that gives, on patients
 the adaptation did not see.
 
