@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pneumo_ray.cli import user_errors  # noqa: E402
 from pneumo_ray.io.data import list_store, load_image  # noqa: E402
-from pneumo_ray.io.labels import CLASS_LABELS  # noqa: E402
+from pneumo_ray.io.labels import CLASS_LABELS, patient_folds  # noqa: E402
 
 FIGURES = (
     ("binary", "roc_auc"),
@@ -48,25 +47,6 @@ FIGURES = (
     ("autoencoder", "sensitivity"),
     ("autoencoder", "specificity"),
 )
-
-
-def patient_folds(images, folds: int, seed: int) -> np.ndarray:
-    """A fold index per image: patients shuffled within their majority label (seeded) and dealt
-    round-robin, so each fold keeps the class mix and a patient's images stay together."""
-    by_patient: dict[str, list[str]] = {}
-    for image in images:
-        by_patient.setdefault(image.patient_id, []).append(image.label)
-    by_label: dict[str, list[str]] = {}
-    for pid in sorted(by_patient):
-        labels = by_patient[pid]
-        by_label.setdefault(max(sorted(set(labels)), key=labels.count), []).append(pid)
-    rng, fold_of, turn = random.Random(seed), {}, 0
-    for label in sorted(by_label):
-        pids = by_label[label]
-        rng.shuffle(pids)
-        for pid in pids:
-            fold_of[pid], turn = turn % folds, turn + 1
-    return np.array([fold_of[image.patient_id] for image in images])
 
 
 def network_outputs_of(bundle, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -123,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     labels = np.array([image.label for image in images])
     print(f"networks run on {len(images)} images in {time.perf_counter() - started:.0f}s")
 
-    fold = patient_folds(images, args.folds, args.seed)
+    fold = np.array(patient_folds(images, args.folds, args.seed))
     rules = SiteRules.from_card(base.card)
     adapted_columns: dict[str, list] = {}
     order, per_fold = [], []

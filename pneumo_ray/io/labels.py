@@ -98,6 +98,21 @@ def label_from_path(uri: str, split: str, size: int, mtime_ns: int | None = None
     )
 
 
+def _patients_by_label(images: Sequence[LabelledImage]) -> dict[str, list[str]]:
+    """Patient ids by each patient's majority label, in sorted order: what a seeded shuffle
+    starts from, so a split depends on the seed and the data only, not on listing order."""
+    by_patient: dict[str, list[str]] = {}
+    for image in images:
+        by_patient.setdefault(image.patient_id, []).append(image.label)
+    by_label: dict[str, list[str]] = {}
+    for pid in sorted(by_patient):
+        labels = by_patient[pid]
+        # sorted(): ties (one bacterial, one viral image) must not depend on str hashing.
+        majority = max(sorted(set(labels)), key=labels.count)
+        by_label.setdefault(majority, []).append(pid)
+    return by_label
+
+
 def split_by_patient(
     images: Sequence[LabelledImage], val_fraction: float, seed: int
 ) -> tuple[list[LabelledImage], list[LabelledImage]]:
@@ -108,17 +123,7 @@ def split_by_patient(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    by_patient: dict[str, list[LabelledImage]] = {}
-    for image in images:
-        by_patient.setdefault(image.patient_id, []).append(image)
-    # Stratify on each patient's majority label; sort first so the split depends on the seed
-    # and the data only, not on listing order.
-    by_label: dict[str, list[str]] = {}
-    for pid in sorted(by_patient):
-        labels = [image.label for image in by_patient[pid]]
-        # sorted(): ties (one bacterial, one viral image) must not depend on str hashing.
-        majority = max(sorted(set(labels)), key=labels.count)
-        by_label.setdefault(majority, []).append(pid)
+    by_label = _patients_by_label(images)
     rng = random.Random(seed)
     val_patients: set[str] = set()
     for label in sorted(by_label):
@@ -128,6 +133,19 @@ def split_by_patient(
     train = [image for image in images if image.patient_id not in val_patients]
     val = [image for image in images if image.patient_id in val_patients]
     return train, val
+
+
+def patient_folds(images: Sequence[LabelledImage], folds: int, seed: int) -> list[int]:
+    """A fold index per image: patients shuffled within their majority label (seeded) and dealt
+    round-robin, so each fold keeps the class mix and a patient's images stay together."""
+    rng, fold_of, turn = random.Random(seed), {}, 0
+    by_label = _patients_by_label(images)
+    for label in sorted(by_label):
+        pids = by_label[label]
+        rng.shuffle(pids)
+        for pid in pids:
+            fold_of[pid], turn = turn % folds, turn + 1
+    return [fold_of[image.patient_id] for image in images]
 
 
 def limit_per_class(

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ import numpy as np
 from pneumo_ray.config import ValidationChoices
 from pneumo_ray.errors import ConfigError, SiteError
 from pneumo_ray.io import data, stores
-from pneumo_ray.io.labels import CLASS_LABELS, LabelledImage
+from pneumo_ray.io.labels import CLASS_LABELS, LabelledImage, patient_folds
 from pneumo_ray.models.bundle import (
     DRIFT_REFERENCE_FILE,
     Bundle,
@@ -157,14 +156,6 @@ def _scores_against(bundle: Bundle, outputs: dict, rows: np.ndarray, reference) 
     return reference.score(outputs["ae_code"][rows])
 
 
-def patient_halves(patients: list[str], seed: int = 0) -> np.ndarray:
-    """0 or 1 per image: the patients shuffled (seeded) and dealt alternately."""
-    order = sorted(set(patients))
-    random.Random(seed).shuffle(order)
-    half = {pid: i % 2 for i, pid in enumerate(order)}
-    return np.array([half[pid] for pid in patients])
-
-
 def check_site(labels: np.ndarray) -> Counter:
     """Per-class counts of the site's usable images; SiteError without normal or pneumonia
     images, a warning when either binary class has fewer than FEW_IMAGES."""
@@ -210,21 +201,17 @@ def adapt(
     binary_score = models["binary"].get("score", "network")
     previous = {
         "model_version": bundle.model_version,
-        "binary": {k: models["binary"].get(k) for k in ("threshold", "threshold_rule",
-                                                           "temperature", "validation", "site")},
-        "multiclass": {"temperature": models["multiclass"].get("temperature")},
-        "autoencoder": {k: models["autoencoder"].get(k) for k in ("threshold", "threshold_rule")},
+        "binary": _recorded(models["binary"],
+                            ("threshold", "threshold_rule", "temperature", "validation", "site")),
+        "multiclass": _recorded(models["multiclass"], ("temperature",)),
+        "autoencoder": _recorded(models["autoencoder"], ("threshold", "threshold_rule")),
         "knn": {"reference_images": len(bundle.knn.uris)},
         "anomaly_reference": _reference_size(bundle),
         "calibration": card.get("calibration"),
         "monitoring_reference": card.get("monitoring", {}).get("reference"),
         "metrics": card.pop("metrics", None),  # the networks' test figures at the old point
     }  # fmt: skip
-    previous = {k: v for k, v in previous.items() if v is not None}
-    for entry in previous.values():
-        if isinstance(entry, dict):
-            for key in [k for k, v in entry.items() if v is None]:
-                del entry[key]
+    previous = _recorded(previous, previous)
 
     calibrated = calibrate(
         outputs, rules.calibrate, binary_score, where="site", score_maps=rules.score_map
@@ -236,9 +223,9 @@ def adapt(
     )  # fmt: skip
     is_pneumonia = labels > 0
     site_uris = [str(uri) for uri in outputs["image_uri"]]
-    patient_of = {image.uri: image.patient_id for image in images}
     normal_rows = np.flatnonzero(~is_pneumonia)
-    normals_note = _add_site_normals(bundle, outputs, normal_rows, patient_of, rules)
+    image_of = {image.uri: image for image in images}
+    normals_note = _add_site_normals(bundle, outputs, normal_rows, image_of, rules)
     outputs = with_patch_distances(bundle, outputs)
     # Out of sample: each site normal scored against the reference without its own half.
     anomaly = bundle.anomaly_scores(outputs)
@@ -310,8 +297,13 @@ def adapt(
     return record
 
 
+def _recorded(entry: dict, keys) -> dict:
+    """The ``keys`` of ``entry`` that hold a value (a card from an older bundle lacks some)."""
+    return {key: entry[key] for key in keys if entry.get(key) is not None}
+
+
 def _add_site_normals(
-    bundle: Bundle, outputs: dict, normal_rows: np.ndarray, patient_of: dict, rules: SiteRules
+    bundle: Bundle, outputs: dict, normal_rows: np.ndarray, image_of: dict, rules: SiteRules
 ) -> dict:
     """Add the site's normal images to the anomaly score's normal reference (in place, with
     the card's counts); returns the rule and, when added, each normal's out-of-sample score:
@@ -321,8 +313,8 @@ def _add_site_normals(
         return {"rule": f"none: the {kind} score measures against no normal images"}
     if rules.normals == "keep":
         return {"rule": "unchanged (--normals keep)"}
-    patients = [patient_of.get(str(uri), str(uri)) for uri in outputs["image_uri"][normal_rows]]
-    halves = patient_halves(patients)
+    normals = [image_of[str(uri)] for uri in outputs["image_uri"][normal_rows]]
+    halves = np.array(patient_folds(normals, 2, seed=0))
     if len(set(halves)) < 2:
         log("one normal patient at the site: its images cannot join the anomaly reference")
         return {"rule": "unchanged: one normal patient at the site (needs two or more)"}

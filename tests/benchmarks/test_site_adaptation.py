@@ -4,44 +4,11 @@ the others."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import numpy as np
 import pytest
 
-from pneumo_ray.io.labels import LabelledImage
-
 from . import load_benchmark
-
-
-def images(patients_per_label: int = 30) -> list[LabelledImage]:
-    """Patients of each label with one to three images each."""
-    out = []
-    for label, prefix in (("normal", "IM-"), ("bacterial", "person"), ("viral", "person")):
-        for p in range(patients_per_label):
-            pid = f"{prefix}{label}{p}"
-            out += [LabelledImage(f"/s/{pid}_{i}", "test", label, pid, 1) for i in range(p % 3 + 1)]
-    return out
-
-
-@pytest.mark.parametrize("folds", [2, 5])
-def test_patient_folds_keep_patients_together_and_the_class_mix(folds):
-    script = load_benchmark("site_adaptation")
-    listed = images()
-    fold = script.patient_folds(listed, folds, seed=0)
-    by_patient: dict[str, set[int]] = {}
-    for image, f in zip(listed, fold, strict=True):
-        by_patient.setdefault(image.patient_id, set()).add(int(f))
-    assert all(len(fs) == 1 for fs in by_patient.values())  # a patient in one fold
-    for label in ("normal", "bacterial", "viral"):
-        patients = Counter(
-            next(iter(by_patient[i.patient_id])) for i in {x.patient_id: x for x in listed}.values()
-            if i.label == label
-        )  # fmt: skip
-        assert set(patients) == set(range(folds))
-        assert max(patients.values()) - min(patients.values()) <= 1
-    assert list(script.patient_folds(listed, folds, seed=0)) == list(fold)
-    assert list(script.patient_folds(listed, folds, seed=1)) != list(fold)
 
 
 @pytest.mark.integration

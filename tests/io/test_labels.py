@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from pneumo_ray.io.labels import (
@@ -8,6 +10,7 @@ from pneumo_ray.io.labels import (
     class_label,
     label_from_path,
     limit_per_class,
+    patient_folds,
     patient_id,
     split_by_patient,
 )
@@ -107,3 +110,32 @@ def test_patient_split_does_not_depend_on_string_hashing():
         for seed in range(6)
     }
     assert len(outputs) == 1, outputs
+
+
+def patients_of_each_label(patients_per_label: int = 30) -> list[LabelledImage]:
+    """Patients of each label with one to three images each."""
+    out = []
+    for label, prefix in (("normal", "IM-"), ("bacterial", "person"), ("viral", "person")):
+        for p in range(patients_per_label):
+            pid = f"{prefix}{label}{p}"
+            out += [LabelledImage(f"/s/{pid}_{i}", "test", label, pid, 1) for i in range(p % 3 + 1)]
+    return out
+
+
+@pytest.mark.parametrize("folds", [2, 5])
+def test_patient_folds_keep_patients_together_and_the_class_mix(folds):
+    listed = patients_of_each_label()
+    fold = patient_folds(listed, folds, seed=0)
+    by_patient: dict[str, set[int]] = {}
+    for image, f in zip(listed, fold, strict=True):
+        by_patient.setdefault(image.patient_id, set()).add(int(f))
+    assert all(len(fs) == 1 for fs in by_patient.values())  # a patient in one fold
+    for label in ("normal", "bacterial", "viral"):
+        patients = Counter(
+            next(iter(by_patient[i.patient_id])) for i in {x.patient_id: x for x in listed}.values()
+            if i.label == label
+        )  # fmt: skip
+        assert set(patients) == set(range(folds))
+        assert max(patients.values()) - min(patients.values()) <= 1
+    assert patient_folds(listed, folds, seed=0) == fold
+    assert patient_folds(listed, folds, seed=1) != fold

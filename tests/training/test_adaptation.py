@@ -9,16 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pneumo_ray.errors import ConfigError, SiteError
-from pneumo_ray.io.labels import CLASS_LABELS, LabelledImage
+from pneumo_ray.io.labels import CLASS_LABELS, LabelledImage, patient_folds
 from pneumo_ray.models import calibration
 from pneumo_ray.models.bundle import load_bundle, write_bundle
 from pneumo_ray.training import report
-from pneumo_ray.training.adaptation import (
-    SiteRules,
-    adapt,
-    patient_halves,
-    with_patch_distances,
-)
+from pneumo_ray.training.adaptation import SiteRules, adapt, with_patch_distances
 
 from ..conftest import run_job
 from ..models.test_bundle import tiny_bundle
@@ -120,7 +115,7 @@ def test_the_operating_point_is_rechosen_on_the_site_with_the_training_rules(bun
     # The site's normal images joined the latent reference; each normal's score for the
     # threshold is against the reference with the other half of the normal patients only.
     normals = np.flatnonzero(~is_pneumonia)
-    halves = patient_halves([images[i].patient_id for i in normals])
+    halves = np.array(patient_folds([images[i] for i in normals], 2, seed=0))
     held_out = np.empty(len(normals))
     for half in (0, 1):
         other = normals[halves != half]
