@@ -54,9 +54,10 @@ SITE_FLAGS ?=
 site-adaptation: venv
 	$(PY) benchmarks/site_adaptation.py --model out/quality --data $(QUALITY_DATA) $(SITE_FLAGS)
 
-# Issue 9's GPU device check (a GPU machine, about 2 minutes on one H200): one epoch of GPU
-# training in bf16 and fp32, then 5,000 full-resolution images scored with GPU actors, with CPU
-# and with GPU (nvJPEG) decode, against CPU scoring of the same images.
+# The GPU device check (a GPU machine; about 6.5 minutes on one H200 with a subset of the store):
+# each limit of the node (GPU-only training steps; CPU, nvJPEG and model-only scoring) beside
+# the training and scoring jobs' steady state, and CPU scoring of the same images
+# (README, "GPU device check").
 device-check: venv
 	$(PY) benchmarks/device_check.py --data $(QUALITY_DATA) --fullres ../shared/data/chest_xray_fullres
 

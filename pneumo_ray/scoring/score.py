@@ -67,11 +67,15 @@ from pneumo_ray.scoring.ledger import (
 
 __all__ = ["OUTPUT_SCHEMA", "ScoreConfig", "committed_runs", "read_scores", "recover"]
 
-DECODE_BATCH = 32
+# Rows per decode block. Each block is one decode task, and the stream's one repartitioning
+# task cuts blocks at a bounded rate (the device check saw 17-31 blocks/s on a 16-CPU GPU node
+# with blocks of 32 rows: 560-1,000 images/s, whatever the decode CPUs could do), so large work
+# lists get blocks of up to a GPU batch; small ones at least one block per decode slot.
+DECODE_BLOCK_MIN, DECODE_BLOCK_MAX = 32, 256
 # Images per model batch (--batch-size): a CPU actor runs its networks in chunks of
 # models.outputs.CPU_CHUNK whatever the batch; a GPU actor gets larger batches (fewer kernel
-# launches and host round trips per image). 256 is not a GPU measurement yet: the device check
-# scores at it and prints the GPU memory it took.
+# launches and host round trips per image). On an H200, 512 scored no faster than 256 (issue
+# 22's device check, where the stream feeding the actors was the limit).
 CPU_BATCH, GPU_BATCH = 64, 256
 DECODE_CPUS = 0.5
 ACTOR_START_TIMEOUT_S = 1800
@@ -536,6 +540,14 @@ def model_batch_size(asked: int | None, use_gpu: bool) -> int:
     return asked or (GPU_BATCH if use_gpu else CPU_BATCH)
 
 
+def decode_block_rows(rows: int, cpus: float) -> int:
+    """Rows per decode block for ``rows`` images on a cluster of ``cpus`` CPUs now: the work
+    spread over every decode slot (DECODE_CPUS each), within [DECODE_BLOCK_MIN,
+    DECODE_BLOCK_MAX]."""
+    slots = max(1, int(cpus / DECODE_CPUS))
+    return int(min(DECODE_BLOCK_MAX, max(DECODE_BLOCK_MIN, rows // slots)))
+
+
 def build_pipeline(
     config: ScoreConfig, work: WorkList, image_size: int, heatmap_dir: str
 ) -> tuple[ray.data.Dataset, str]:
@@ -545,16 +557,17 @@ def build_pipeline(
     )
     gpu_decode = config.decode == "gpu" or (config.decode == "auto" and plan.use_gpu)
     batch = model_batch_size(config.batch_size, plan.use_gpu)
+    block = decode_block_rows(work.rows, ray.cluster_resources().get("CPU", 0))
     fs, _ = stores.resolve(config.output)
     dataset = (
         ray.data.read_parquet([stores.resolve(uri)[1] for uri in work.files], filesystem=fs)
-        # Streamed into blocks of DECODE_BATCH rows: decoding runs in many parallel tasks, and
+        # Streamed into blocks of `block` rows: decoding runs in many parallel tasks, and
         # scored rows reach the driver (and its commits) as they come, not all at the end.
-        .repartition(target_num_rows_per_block=DECODE_BATCH)
+        .repartition(target_num_rows_per_block=block)
         .map_batches(
             read_batch if gpu_decode else decode_batch,
             fn_kwargs={} if gpu_decode else {"image_size": image_size},
-            batch_size=DECODE_BATCH,
+            batch_size=block,
             batch_format="numpy",
             # Half a CPU each: decoding is light next to the models, and a resource shape
             # unlike the actors' keeps Ray Data from fusing it into them (decode stays in
@@ -581,7 +594,9 @@ def build_pipeline(
     # of them (and nodes); generous, since an autoscaler may first have to start GPU nodes.
     ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     decode = "GPU (nvJPEG)" if gpu_decode else "CPU"
-    return dataset, f"{plan.describe()}, batches of {batch}, JPEG decode on {decode}"
+    return dataset, (
+        f"{plan.describe()}, batches of {batch}, JPEG decode on {decode} in blocks of {block}"
+    )
 
 
 class PartWriter:

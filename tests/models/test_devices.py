@@ -150,3 +150,22 @@ def test_gpu_actors_get_larger_batches_unless_one_is_asked_for():
     assert (model_batch_size(None, False), model_batch_size(None, True)) == (CPU_BATCH, GPU_BATCH)
     assert GPU_BATCH > CPU_BATCH
     assert model_batch_size(16, True) == model_batch_size(16, False) == 16
+
+
+def test_decode_blocks_spread_small_work_lists_and_grow_to_a_gpu_batch_for_large_ones():
+    from pneumo_ray.scoring.score import (
+        DECODE_BLOCK_MAX,
+        DECODE_BLOCK_MIN,
+        DECODE_CPUS,
+        GPU_BATCH,
+        decode_block_rows,
+    )
+
+    slots = int(16 / DECODE_CPUS)  # decode tasks a 16-CPU node runs at once
+    assert decode_block_rows(100, 16) == DECODE_BLOCK_MIN  # fewer rows than slots x minimum
+    assert decode_block_rows(slots * 100, 16) == 100  # one block per decode slot
+    assert decode_block_rows(slots * 100 + slots - 1, 16) == 100
+    assert decode_block_rows(1_000_000, 16) == DECODE_BLOCK_MAX == GPU_BATCH
+    # An autoscaling cluster's head may have no CPUs yet: blocks as large as allowed.
+    assert decode_block_rows(10_000, 0) == DECODE_BLOCK_MAX
+    assert decode_block_rows(10, 0) == DECODE_BLOCK_MIN

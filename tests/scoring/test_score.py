@@ -14,7 +14,13 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pneumo_ray import faults
-from pneumo_ray.scoring.score import OUTPUT_SCHEMA, committed_runs, read_scores, recover
+from pneumo_ray.scoring.score import (
+    DECODE_BLOCK_MIN,
+    OUTPUT_SCHEMA,
+    committed_runs,
+    read_scores,
+    recover,
+)
 
 from ..conftest import CHEST_XRAY, FULLRES, REPO, run_job, start_job, stop_group
 from ..dicom import write_dicom
@@ -339,7 +345,9 @@ def test_gpu_decode_path_gives_the_same_rows_and_says_it_fell_back(trained, tmp_
     rows = {}
     for mode in ("cpu", "gpu"):
         log = score(bundle, [folder], tmp_path / mode, job_env, "--decode", mode)
-        assert f"JPEG decode on {'GPU (nvJPEG)' if mode == 'gpu' else 'CPU'}" in log
+        decoder = "GPU (nvJPEG)" if mode == "gpu" else "CPU"
+        # 14 images on 2 CPUs: the smallest decode blocks
+        assert f"JPEG decode on {decoder} in blocks of {DECODE_BLOCK_MIN}" in log
         df = read_scores(str(tmp_path / mode)).to_pandas()
         df["has_heatmap"] = df.pop("heatmap_uri").notna()  # each run writes its own folder
         rows[mode] = df.drop(columns=["scored_at", "scored_on"]).sort_values("image_uri")
