@@ -2,15 +2,15 @@
 
     python benchmarks/benchmark_blocks.py [--rows 40000] [--cpus 16] [--blocks 32,64,128,256]
 
-The scoring job's shape (pneumo_ray.scoring.score.build_pipeline): the work list read from
-Parquet, cut by a streaming repartition into blocks, one decode task per block (DECODE_CPUS
-each), then a pool of two model actors with half a GPU each. Here the decode tasks only make
-arrays of the right size and the actors return at once, in an embedded Ray that declares
-``--cpus`` CPUs and one GPU (logical resources: no GPU is needed). The rows/s printed is
-therefore what the stream can carry at each block size, the ceiling above any decode CPUs or
-GPU. The device check found the job at 560-1,000 images/s on a 16-CPU H200 node with blocks
-of 32 rows, its decode tasks mostly idle, waiting for blocks (issue 22); ``decode_block_rows``
-is the block size the job now uses.
+The scoring job's own stages (pneumo_ray.scoring.score.decode_stage: the work list read from
+Parquet, cut by a streaming repartition into blocks, one decode task per block; then the
+resources of a pool of two model actors with half a GPU each, ActorPlan.map_kwargs). Here the
+decode tasks only make arrays of the right size and the actors return at once, in an embedded
+Ray that declares ``--cpus`` CPUs and one GPU (logical resources: no GPU is needed). The rows/s
+printed is therefore what the stream can carry at each block size, the ceiling above any decode
+CPUs or GPU. The device check found the job at 560-1,000 images/s on a 16-CPU H200 node with
+blocks of 32 rows, its decode tasks mostly idle, waiting for blocks (issue 22);
+``decode_block_rows`` is the block size the job now uses.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
-from pneumo_ray.scoring.score import DECODE_CPUS, GPU_BATCH, decode_block_rows  # noqa: E402
+from pneumo_ray.models.predict import ActorPlan  # noqa: E402
+from pneumo_ray.scoring.score import GPU_BATCH, decode_block_rows, decode_stage  # noqa: E402
 
 
 def null_decode(batch: dict, image_size: int) -> dict:
@@ -47,24 +48,14 @@ class NullActor:
 def stream_rate(listing: str, block: int, image_size: int) -> tuple[float, float]:
     """(whole-run rows/s, steady rows/s) of the pipeline over ``listing`` with ``block``-row
     decode blocks; steady: rows that reached the driver between 10% and 90% of the run."""
-    dataset = (
-        ray.data.read_parquet([listing])
-        .repartition(target_num_rows_per_block=block)
-        .map_batches(
-            null_decode,
-            fn_kwargs={"image_size": image_size},
-            batch_size=block,
-            batch_format="numpy",
-            num_cpus=DECODE_CPUS,
-        )
-        .map_batches(
-            NullActor,
-            batch_size=GPU_BATCH,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=2, max_size=2),
-            num_cpus=0,
-            num_gpus=0.5,
-        )
+    stream = decode_stage(
+        ray.data.read_parquet([listing]), null_decode, {"image_size": image_size}, block
+    )
+    dataset = stream.map_batches(
+        NullActor,
+        batch_size=GPU_BATCH,
+        batch_format="numpy",
+        **ActorPlan(2, 2, use_gpu=True, threads=1, actors_per_gpu=2).map_kwargs(),
     )
     started, rows, arrivals = time.perf_counter(), 0, []
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):

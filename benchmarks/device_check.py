@@ -251,8 +251,6 @@ def decode_limit(folder: Path, size: int) -> dict:
     extra time is the steady-state rate (start-up cancels out). The blocks are the job's size
     but made up front (not cut by the job's streaming repartition, which bounds how fast
     blocks reach the decode tasks), so the figure is what the node's CPUs decode."""
-    import ray
-
     from pneumo_ray.io.data import decode_batch
     from pneumo_ray.scoring.score import DECODE_CPUS, decode_block_rows
 

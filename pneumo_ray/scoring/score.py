@@ -548,6 +548,24 @@ def decode_block_rows(rows: int, cpus: float) -> int:
     return int(min(DECODE_BLOCK_MAX, max(DECODE_BLOCK_MIN, rows // slots)))
 
 
+def decode_stage(
+    listing: ray.data.Dataset, decode, fn_kwargs: dict, block: int
+) -> ray.data.Dataset:
+    """The work list's rows streamed into blocks of ``block`` rows, one ``decode`` task each:
+    decoding runs in many parallel tasks, and scored rows reach the driver (and its commits)
+    as they come, not all at the end."""
+    return listing.repartition(target_num_rows_per_block=block).map_batches(
+        decode,
+        fn_kwargs=fn_kwargs,
+        batch_size=block,
+        batch_format="numpy",
+        # Half a CPU each: decoding is light next to the models, and a resource shape unlike
+        # the actors' keeps Ray Data from fusing it into them (decode stays in parallel CPU
+        # tasks, the actors only run models).
+        num_cpus=DECODE_CPUS,
+    )
+
+
 def build_pipeline(
     config: ScoreConfig, work: WorkList, image_size: int, heatmap_dir: str
 ) -> tuple[ray.data.Dataset, str]:
@@ -559,36 +577,25 @@ def build_pipeline(
     batch = model_batch_size(config.batch_size, plan.use_gpu)
     block = decode_block_rows(work.rows, ray.cluster_resources().get("CPU", 0))
     fs, _ = stores.resolve(config.output)
-    dataset = (
-        ray.data.read_parquet([stores.resolve(uri)[1] for uri in work.files], filesystem=fs)
-        # Streamed into blocks of `block` rows: decoding runs in many parallel tasks, and
-        # scored rows reach the driver (and its commits) as they come, not all at the end.
-        .repartition(target_num_rows_per_block=block)
-        .map_batches(
-            read_batch if gpu_decode else decode_batch,
-            fn_kwargs={} if gpu_decode else {"image_size": image_size},
-            batch_size=block,
-            batch_format="numpy",
-            # Half a CPU each: decoding is light next to the models, and a resource shape
-            # unlike the actors' keeps Ray Data from fusing it into them (decode stays in
-            # parallel CPU tasks, the actors only run models). With GPU decode these tasks
-            # only read bytes.
-            num_cpus=DECODE_CPUS,
-        )
-        .map_batches(
-            BundlePredictor,
-            fn_constructor_kwargs={
-                "bundle_uri": config.model,
-                "use_gpu": plan.use_gpu,
-                "threads": plan.threads,
-                "gpu_decode": gpu_decode,
-                "heatmaps": config.heatmaps,
-                "heatmap_dir": heatmap_dir,
-            },
-            batch_size=batch,
-            batch_format="numpy",
-            **plan.map_kwargs(),
-        )
+    listing = ray.data.read_parquet([stores.resolve(uri)[1] for uri in work.files], filesystem=fs)
+    dataset = decode_stage(
+        listing,
+        read_batch if gpu_decode else decode_batch,  # with GPU decode: only read bytes
+        {} if gpu_decode else {"image_size": image_size},
+        block,
+    ).map_batches(
+        BundlePredictor,
+        fn_constructor_kwargs={
+            "bundle_uri": config.model,
+            "use_gpu": plan.use_gpu,
+            "threads": plan.threads,
+            "gpu_decode": gpu_decode,
+            "heatmaps": config.heatmaps,
+            "heatmap_dir": heatmap_dir,
+        },
+        batch_size=batch,
+        batch_format="numpy",
+        **plan.map_kwargs(),
     )
     # Start scoring once every model actor has its bundle loaded, so the work spreads over all
     # of them (and nodes); generous, since an autoscaler may first have to start GPU nodes.
