@@ -91,6 +91,26 @@ def _dicom_to_u8(data: bytes) -> np.ndarray:
     return np.round(scaled * 255.0).astype(np.uint8)
 
 
+def gpu_decodable(data: bytes) -> bool:
+    """A JPEG that nvJPEG can decode to what ``decode_image`` gives: baseline grayscale or
+    YCbCr, upright (no EXIF rotation), and within the size limits. Reads the header only."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        upright = image.getexif().get(0x0112, 1) == 1
+        return (
+            image.format == "JPEG"
+            and image.mode in ("L", "RGB")
+            and upright
+            and min(width, height) >= MIN_SIDE
+            and width * height <= MAX_PIXELS
+        )
+    except Exception:  # decode_image will say what is wrong with it
+        return False
+
+
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
     """Bytes of a JPEG, PNG or DICOM file -> ``(image_size, image_size)`` uint8 grayscale.
 

@@ -9,15 +9,15 @@ The passes over train/validation/test after training run here, on the cluster (o
 asked), never in the driver. The scoring job's actor is a subclass that writes its rows as an
 Arrow table in the Parquet schema.
 
-GPU decode: when the batch carries the files' bytes (``image_data``) instead of decoded
-images, the actor decodes JPEGs on its GPU with nvJPEG (``torchvision.io.decode_jpeg``) and
-everything else (PNG, DICOM, a JPEG the GPU decoder refuses, or any image on an actor without
-CUDA) with the CPU decoder that training uses. Then the decode tasks only read bytes.
+GPU decode: the decode tasks read each file and pass on the bytes of the JPEGs nvJPEG can
+take (``image_data``); they decode everything else (PNG, DICOM, EXIF-rotated or CMYK JPEGs)
+themselves, in parallel on the CPUs, and pass on its pixels (``image_decoded`` marks those
+rows). The actor decodes the JPEG bytes on its GPU (``torchvision.io.decode_jpeg``); a batch
+nvJPEG refuses, or any bytes on an actor without CUDA, go through the CPU decoder there.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,10 +28,9 @@ import ray
 
 from pneumo_ray.io.images import (
     IMAGE_STATS,
-    MAX_PIXELS,
-    MIN_SIDE,
     ImageDecodeError,
     decode_image,
+    gpu_decodable,
     image_stats,
     to_model_input,
 )
@@ -152,28 +151,6 @@ def plan_actors(
 # --- decoding inside the actor ---------------------------------------------------------------
 
 
-def _gpu_decodable(data: bytes) -> bool:
-    """A JPEG that nvJPEG can decode to what the CPU decoder gives: baseline grayscale or
-    YCbCr, upright (no EXIF rotation), and within the size limits. Reads the header only."""
-    from PIL import Image
-
-    if data[:2] != b"\xff\xd8":
-        return False
-    try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        upright = image.getexif().get(0x0112, 1) == 1
-        return (
-            image.format == "JPEG"
-            and image.mode in ("L", "RGB")
-            and upright
-            and min(width, height) >= MIN_SIDE
-            and width * height <= MAX_PIXELS
-        )
-    except Exception:  # the CPU decoder will say what is wrong with it
-        return False
-
-
 def draft_scale(width: int, height: int, size: int) -> int:
     """The DCT scale (1, 2, 4 or 8) Pillow's JPEG draft mode decodes at for a ``size`` target."""
     scale = min(width // size, height // size)
@@ -224,14 +201,29 @@ class ImageDecoder:
         decoded = decode_jpeg(encoded, mode=ImageReadMode.GRAY, device=self.device)
         return [resize_like_pillow(image, self.image_size) for image in decoded]
 
-    def __call__(self, blobs: list[bytes | None], errors: list[str]) -> torch.Tensor:
-        """Decode every row whose ``errors`` entry is empty; a failure becomes its error."""
+    def __call__(
+        self, blobs: list[bytes | None], errors: list[str], decoded: list[bool] | None = None
+    ) -> torch.Tensor:
+        """Decode every row whose ``errors`` entry is empty; a failure becomes its error.
+
+        ``decoded``: the rows whose blob is already the decoded ``(S, S)`` pixels (the decode
+        task's, for files nvJPEG cannot take); the others are then JPEGs it can. Without it,
+        each blob is a file's bytes and its header says where it decodes.
+        """
         import torch
 
         n, size = len(blobs), self.image_size
         images = torch.zeros((n, size, size), dtype=torch.uint8, device=self.device)
         rows = [i for i in range(n) if not errors[i]]
-        on_gpu = {i for i in rows if self.gpu and _gpu_decodable(blobs[i])}
+        ready = [i for i in rows if decoded is not None and decoded[i]]
+        if ready:
+            pixels = np.stack([np.frombuffer(blobs[i], dtype=np.uint8) for i in ready])
+            images[ready] = torch.from_numpy(pixels.reshape(-1, size, size)).to(self.device)
+        rows = [i for i in rows if decoded is None or not decoded[i]]
+        if decoded is None:
+            on_gpu = {i for i in rows if self.gpu and gpu_decodable(blobs[i])}
+        else:
+            on_gpu = set(rows) if self.gpu else set()
         if on_gpu:
             try:
                 order = sorted(on_gpu)
@@ -300,7 +292,8 @@ class ModelActor:
             [str(e) for e in batch["error"]] if "error" in batch else [""] * len(batch["image_uri"])
         )
         if "image_data" in batch:
-            return self.decoder(list(batch["image_data"]), errors), errors
+            decoded = list(batch["image_decoded"]) if "image_decoded" in batch else None
+            return self.decoder(list(batch["image_data"]), errors, decoded), errors
         return batch["image"], errors
 
     def predict(self, images) -> dict[str, np.ndarray]:

@@ -580,8 +580,9 @@ def build_pipeline(
     listing = ray.data.read_parquet([stores.resolve(uri)[1] for uri in work.files], filesystem=fs)
     dataset = decode_stage(
         listing,
-        read_batch if gpu_decode else decode_batch,  # with GPU decode: only read bytes
-        {} if gpu_decode else {"image_size": image_size},
+        # with GPU decode: JPEGs nvJPEG can take travel as bytes, other files as pixels
+        read_batch if gpu_decode else decode_batch,
+        {"image_size": image_size},
         block,
     ).map_batches(
         BundlePredictor,

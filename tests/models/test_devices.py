@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.serialization
 
-from pneumo_ray.io.images import decode_image
+from pneumo_ray.io.images import decode_image, gpu_decodable
 from pneumo_ray.models.bundle import WEIGHT_FILES, load_bundle, write_bundle
-from pneumo_ray.models.predict import ImageDecoder, _gpu_decodable
+from pneumo_ray.models.predict import ImageDecoder
 from pneumo_ray.training.loop import autocast_dtype, load_state, rank_seed, to_cpu
 
 from ..conftest import CHEST_XRAY
@@ -92,7 +92,20 @@ def test_gpu_decode_falls_back_to_the_training_decoder_without_cuda(capsys):
     for i, blob in enumerate(blobs[:4]):
         np.testing.assert_array_equal(images[i].numpy(), decode_image(blob, 64))
     assert errors[:4] == [""] * 4 and "not a readable image" in errors[4]
-    assert _gpu_decodable(blobs[0]) and not _gpu_decodable(blobs[4])
+    assert gpu_decodable(blobs[0]) and not gpu_decodable(blobs[4])
+
+
+def test_the_decoder_takes_rows_a_decode_task_decoded_as_they_are():
+    files = sorted((CHEST_XRAY / "test" / "PNEUMONIA").glob("*.jpeg"))[:3]
+    pixels = [decode_image(f.read_bytes(), 64) for f in files]
+    blobs = [pixels[0].tobytes(), files[1].read_bytes(), pixels[2].tobytes(), b""]
+    errors = ["", "", "", "missing file"]
+    images = ImageDecoder(64, torch.device("cpu"), gpu=False)(
+        blobs, errors, decoded=[True, False, True, False]
+    )
+    for i in range(3):
+        np.testing.assert_array_equal(images[i].numpy(), pixels[i])
+    assert images[3].sum() == 0 and errors == ["", "", "", "missing file"]
 
 
 def fake_cluster(monkeypatch, gpus: int, nodes: int = 1, cpus: int = 16) -> None:

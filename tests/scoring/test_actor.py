@@ -4,6 +4,7 @@ construction it replaced; image statistics agree wherever they are computed."""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -115,10 +116,72 @@ def test_image_statistics_agree_between_decode_task_and_actor(actor, batch_of_fi
     # the whole actor: CPU decode (statistics from the decode task) against bytes decoded in
     # the actor (statistics computed there)
     from_task = actor(decoded)
-    from_actor = actor(read_batch(dict(batch_of_files)))
+    from_actor = actor(read_batch(dict(batch_of_files), SIZE))
     assert from_actor.column("error").is_null().equals(from_task.column("error").is_null())
     for name in IMAGE_STATS:
         task_values = np.array(from_task.column(name).to_pylist(), dtype=float)[ok]
         actor_values = np.array(from_actor.column(name).to_pylist(), dtype=float)[ok]
         np.testing.assert_allclose(actor_values, task_values, rtol=1e-5, atol=1e-6)
         assert task_values.std() > 0  # real, differing images
+
+
+@pytest.fixture(scope="module")
+def mixed_files(tmp_path_factory):
+    """What a hospital store holds besides baseline JPEGs: a 16-bit DICOM, a 16-bit PNG, an
+    EXIF-rotated JPEG, beside two plain JPEGs, a corrupt file and a missing one."""
+    from PIL import Image
+
+    from ..dicom import write_dicom
+
+    folder = tmp_path_factory.mktemp("mixed")
+    jpegs = sorted((CHEST_XRAY / "test").rglob("*.jpeg"))[:3]
+    gray = np.asarray(Image.open(jpegs[2]).convert("L"))
+    write_dicom(folder / "a.dcm", gray, bits=16)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "b.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    Image.fromarray(gray).save(folder / "c.jpeg", exif=exif)
+    (folder / "d.jpeg").write_bytes(b"\xff\xd8 not a jpeg")
+    names = ["a.dcm", "b.png", "c.jpeg", "d.jpeg", "gone.png"]
+    uris = [str(jpegs[0]), *(str(folder / name) for name in names), str(jpegs[1])]
+    return {
+        "image_uri": np.array(uris, dtype=object),
+        "image_bytes": np.arange(len(uris), dtype=np.int64) + 100,
+        "image_mtime_ns": np.full(len(uris), 7, dtype=np.int64),
+    }
+
+
+def test_gpu_decode_tasks_pass_jpeg_bytes_and_decode_every_other_file(mixed_files):
+    from pneumo_ray.io.images import decode_image
+
+    read = read_batch(dict(mixed_files), SIZE)
+    uris = mixed_files["image_uri"]
+    assert read["image_decoded"].tolist() == [False, True, True, True, False, False, False]
+    files = [Path(uri).read_bytes() if Path(uri).exists() else b"" for uri in uris]
+    for i in (0, 6):  # JPEGs nvJPEG can take: their bytes, untouched
+        assert read["image_data"][i] == files[i]
+    for i in (1, 2, 3):  # DICOM, 16-bit PNG, rotated JPEG: decoded here, as pixels
+        assert read["image_data"][i] == decode_image(files[i], SIZE).tobytes()
+    assert read["error_kind"].tolist() == ["", "", "", "", "permanent", "permanent", ""]
+    assert "not a readable image" in read["error"][4] and read["image_data"][4] == b""
+
+
+def test_the_actor_scores_gpu_decode_rows_as_it_scores_cpu_decoded_ones(actor, mixed_files):
+    from_task = actor(decode_batch(dict(mixed_files), SIZE))
+    from_bytes = actor(read_batch(dict(mixed_files), SIZE))
+    # Pillow names a BytesIO's address in its message; the rest of each error agrees
+    errors = [
+        [e and e.split(" <")[0] for e in t.column("error").to_pylist()]
+        for t in (from_task, from_bytes)
+    ]
+    assert errors[0] == errors[1] and errors[0].count(None) == 5
+    # the statistics come from numpy in the decode task, from torch in the actor
+    for name in IMAGE_STATS:
+        np.testing.assert_allclose(
+            np.array(from_bytes.column(name).to_pylist(), dtype=float),
+            np.array(from_task.column(name).to_pylist(), dtype=float),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    rest = ["scored_at", "error", *IMAGE_STATS]
+    assert from_bytes.drop_columns(rest).equals(from_task.drop_columns(rest))

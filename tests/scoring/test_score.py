@@ -351,7 +351,8 @@ def test_gpu_decode_path_gives_the_same_rows_and_says_it_fell_back(trained, tmp_
         df = read_scores(str(tmp_path / mode)).to_pandas()
         df["has_heatmap"] = df.pop("heatmap_uri").notna()  # each run writes its own folder
         rows[mode] = df.drop(columns=["scored_at", "scored_on"]).sort_values("image_uri")
-    # No CUDA here: the GPU path reads bytes in the tasks and says the actor decoded on CPU.
+    # No CUDA here: the JPEGs' bytes reach the actor, which says it decoded them on its CPU
+    # (the tasks decoded the PNG and the broken file, as CPU decode does).
     assert "falling back to the CPU decoder" in log
     assert len(rows["gpu"]) == 14 and rows["gpu"]["error"].notna().sum() == 1
     pd.testing.assert_frame_equal(
