@@ -49,3 +49,47 @@ def write_dicom(
         ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = stored.tobytes()
     ds.save_as(str(path), enforce_file_format=True)
+
+
+def write_rgb_dicom(path, rgb: np.ndarray) -> None:
+    """Save an 8-bit ``(H, W, 3)`` picture as an RGB secondary capture (a scanned film, a
+    screenshot), uncompressed."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = rgb.shape[:2]
+    ds.SamplesPerPixel = 3
+    ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = "RGB"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def transcode(source, path, syntax: str) -> None:
+    """Re-encode a DICOM file's pixel data with GDCM in transfer syntax ``syntax`` (a name of
+    gdcm.TransferSyntax, e.g. JPEGLosslessProcess14_1), as a PACS would store it."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    if not reader.Read():
+        raise OSError(f"GDCM cannot read {source}")
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    if not change.Change():
+        raise ValueError(f"GDCM cannot encode {syntax}")
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(path))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    if not writer.Write():
+        raise OSError(f"GDCM cannot write {path}")

@@ -65,10 +65,14 @@ def is_dicom(data: bytes) -> bool:
 
 def _dicom_to_u8(data: bytes) -> np.ndarray:
     """A DICOM image -> 8-bit grayscale: modality LUT (rescale slope/intercept), the file's
-    VOI window when it has one (else the pixel range), MONOCHROME1 inverted."""
+    VOI window when it has one (else the pixel range), MONOCHROME1 inverted; a colour image
+    (a secondary capture) as Pillow's luminance. Compressed pixel data decodes through
+    pydicom's plugins: RLE natively, JPEG 2000 and 8-bit JPEG through Pillow, JPEG Lossless
+    and JPEG-LS through GDCM (python-gdcm)."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    dataset = None
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
         rows, cols = int(dataset.Rows), int(dataset.Columns)
@@ -78,7 +82,15 @@ def _dicom_to_u8(data: bytes) -> np.ndarray:
     except ImageDecodeError:
         raise
     except Exception as exc:
-        raise ImageDecodeError(f"not a readable DICOM image: {type(exc).__name__}: {exc}") from exc
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        encoding = f" ({syntax.name})" if syntax is not None else ""
+        raise ImageDecodeError(
+            f"not a readable DICOM image{encoding}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if int(getattr(dataset, "SamplesPerPixel", 1)) == 3 and pixels.ndim == 3:
+        if pixels.dtype != np.uint8:
+            raise ImageDecodeError(f"DICOM colour pixels of type {pixels.dtype}; expected 8-bit")
+        return np.asarray(Image.fromarray(pixels, "RGB").convert("L"), dtype=np.uint8)
     if pixels.ndim != 2:
         raise ImageDecodeError(f"DICOM pixel data of shape {pixels.shape}; expected one 2-D frame")
     values = apply_modality_lut(pixels, dataset).astype(np.float64)

@@ -215,6 +215,52 @@ def test_dicom_window_is_applied(tmp_path):
     assert out[:, :20].max() == 0 and out[:, -20:].min() == 255
 
 
+@pytest.mark.parametrize(
+    ("syntax", "uid"),
+    [
+        ("JPEGLosslessProcess14_1", "1.2.840.10008.1.2.4.70"),  # the usual one for radiographs
+        ("JPEGLosslessProcess14", "1.2.840.10008.1.2.4.57"),
+        ("JPEGLSLossless", "1.2.840.10008.1.2.4.80"),
+        ("JPEG2000Lossless", "1.2.840.10008.1.2.4.90"),
+        ("RLELossless", "1.2.840.10008.1.2.5"),
+    ],
+)
+def test_compressed_dicom_decodes_as_its_uncompressed_original(tmp_path, syntax, uid):
+    import pydicom
+
+    from ..dicom import transcode, write_dicom
+
+    source = next((CHEST_XRAY / "test" / "NORMAL").glob("*.jpeg"))
+    gray = np.asarray(Image.open(source).convert("L"))
+    write_dicom(tmp_path / "plain.dcm", gray, bits=16, slope=2.0, intercept=-1024.0)
+    transcode(tmp_path / "plain.dcm", tmp_path / "packed.dcm", syntax)
+    packed = (tmp_path / "packed.dcm").read_bytes()
+    assert pydicom.dcmread(tmp_path / "packed.dcm").file_meta.TransferSyntaxUID == uid
+    plain = decode_image((tmp_path / "plain.dcm").read_bytes(), 64)
+    np.testing.assert_array_equal(decode_image(packed, 64), plain)  # lossless: the same pixels
+    assert plain.std() > 10
+
+
+def test_colour_dicom_decodes_as_its_luminance(tmp_path):
+    from ..dicom import write_rgb_dicom
+
+    source = next((CHEST_XRAY / "test" / "NORMAL").glob("*.jpeg"))
+    rgb = np.asarray(Image.open(source).convert("RGB"))
+    rgb = np.ascontiguousarray(rgb * np.array([1.0, 0.9, 0.8])).astype(np.uint8)  # tinted
+    write_rgb_dicom(tmp_path / "sc.dcm", rgb)
+    as_png = decode_image(_encode(Image.fromarray(rgb), "PNG"), 64)
+    np.testing.assert_array_equal(decode_image((tmp_path / "sc.dcm").read_bytes(), 64), as_png)
+
+
+def test_a_dicom_codec_that_is_missing_names_the_transfer_syntax():
+    import pydicom.data
+
+    # 12-bit JPEG Extended: neither Pillow nor GDCM decodes it through pydicom
+    path = pydicom.data.get_testdata_file("JPGExtended.dcm")
+    with open(path, "rb") as f, pytest.raises(ImageDecodeError, match=r"\(JPEG Extended"):
+        decode_image(f.read(), 32)
+
+
 def test_corrupt_dicom_is_a_decode_error():
     data = b"\0" * 128 + b"DICM" + b"\x02\x00garbage" * 10
     with pytest.raises(ImageDecodeError, match="DICOM"):

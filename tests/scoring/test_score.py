@@ -23,7 +23,7 @@ from pneumo_ray.scoring.score import (
 )
 
 from ..conftest import CHEST_XRAY, FULLRES, REPO, run_job, start_job, stop_group
-from ..dicom import write_dicom
+from ..dicom import transcode, write_dicom
 from ..test_cluster import wait_for
 
 
@@ -137,7 +137,10 @@ def test_dicom_images_are_scored(trained, tmp_path, job_env):
     kinds = [(8, "MONOCHROME2"), (8, "MONOCHROME1"), (16, "MONOCHROME2"), (16, "MONOCHROME1")]
     for source, (bits, photometric) in zip(sources, kinds, strict=True):
         gray = np.asarray(Image.open(source).convert("L"))
-        write_dicom(folder / f"{source.stem}_{bits}_{photometric}.dcm", gray, bits, photometric)
+        dcm = folder / f"{source.stem}_{bits}_{photometric}.dcm"
+        write_dicom(dcm, gray, bits, photometric)
+        if bits == 16 and photometric == "MONOCHROME2":  # as a PACS stores it: JPEG Lossless
+            transcode(dcm, dcm, "JPEGLosslessProcess14_1")
         # The same picture as PNG, stretched to the full range as a DICOM without a VOI
         # window is: the DICOM must score like it.
         low, high = int(gray.min()), int(gray.max())
