@@ -7,6 +7,19 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 
+def _dataset(path, modality: str) -> FileDataset:
+    """An uncompressed secondary-capture dataset of ``modality``, without its image yet."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    return ds
+
+
 def write_dicom(
     path,
     gray: np.ndarray,
@@ -28,14 +41,7 @@ def write_dicom(
         values = top - values
     stored = np.round((values - intercept) / slope).astype(np.uint8 if bits == 8 else np.uint16)
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
+    ds = _dataset(path, "DX")
     ds.Rows, ds.Columns = stored.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
@@ -54,14 +60,7 @@ def write_dicom(
 def write_rgb_dicom(path, rgb: np.ndarray) -> None:
     """Save an 8-bit ``(H, W, 3)`` picture as an RGB secondary capture (a scanned film, a
     screenshot), uncompressed."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
+    ds = _dataset(path, "OT")
     ds.Rows, ds.Columns = rgb.shape[:2]
     ds.SamplesPerPixel = 3
     ds.PlanarConfiguration = 0
