@@ -69,10 +69,12 @@ def test_train_and_score_with_images_bundles_and_parquet_in_s3(s3_env, subset_st
     neighbours = loaded.knn.uris
     assert all(uri.startswith(f"s3://{BUCKET}/chest_xray/train/") for uri in neighbours)
 
+    stores.write_bytes(f"{store}/test/NORMAL/notes.txt", b"not an image")
     score = run_job(
         "score.py", "--model", bundle, "--input", f"{store}/test", "--output", scores, env=s3_env
     )
     assert score.returncode == 0, score.stdout[-3000:] + score.stderr[-4000:]
+    assert f"{store}/test: left out 1 file(s) not named as images (1 .txt)" in score.stdout
     df = read_scores(scores).to_pandas()
     assert len(df) == 120 and df["image_uri"].is_unique and df["error"].isna().all()
     assert df["image_uri"].str.startswith(f"s3://{BUCKET}/chest_xray/test/").all()

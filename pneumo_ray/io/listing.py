@@ -16,7 +16,8 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from pneumo_ray.errors import ConfigError
 from pneumo_ray.io import stores
 
-SCORABLE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")
+SCORABLE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 PAGE = 50_000
 URI_COLUMNS = ("image_uri", "uri", "path", "key")
@@ -163,17 +164,37 @@ def _read_manifest(uri: str) -> Iterator[pa.RecordBatch]:
             yield _page(_stat(_absolute(page, uri)))
 
 
-def iter_listing(inputs: list[str]) -> Iterator[pa.RecordBatch]:
+def iter_listing(
+    inputs: list[str], report: Callable[[str], None] | None = None
+) -> Iterator[pa.RecordBatch]:
     """Every image of the inputs as listing pages; an image named twice comes twice (the
-    planner keeps one)."""
+    planner keeps one). ``report`` is told, per folder or prefix, how many files it left out
+    for their names (DICOM exports often name files without a suffix)."""
     for uri in inputs:
         if uri.lower().endswith(MANIFEST_SUFFIXES) and not stores.is_dir(uri):
             if not stores.exists(uri):
                 raise stores.StoreError(f"{uri}: no such manifest")
             yield from _read_manifest(uri)
         elif stores.is_dir(uri):
-            yield from _paged(stores.walk_files(uri, SCORABLE_SUFFIXES))
+            skipped: Counter = Counter()
+            yield from _paged(stores.walk_files(uri, SCORABLE_SUFFIXES, skipped))
+            if skipped and report is not None:
+                report(skipped_line(uri, skipped))
         elif stores.exists(uri):
             yield from _paged(iter(stores.list_files(uri)))
         else:
             raise stores.StoreError(f"{uri}: no such folder, prefix or file")
+
+
+def skipped_line(uri: str, skipped: Counter) -> str:
+    """What a walk of ``uri`` left out, the commonest suffixes first, and how to score them."""
+    total = sum(skipped.values())
+    kinds = [
+        f"{count:,} {suffix or 'without a suffix'}" for suffix, count in skipped.most_common(3)
+    ]
+    more = ", ..." if len(skipped) > 3 else ""
+    return (
+        f"{uri}: left out {total:,} file(s) not named as images ({', '.join(kinds)}{more}); "
+        f"scored are {' '.join(SCORABLE_SUFFIXES)} in any case; a manifest (--input "
+        "list.txt) scores files of any name, DICOM exports without a suffix too"
+    )

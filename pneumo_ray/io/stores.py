@@ -13,6 +13,7 @@ import json
 import math
 import os
 import posixpath
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -141,12 +142,16 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[FileEn
     return entries
 
 
-def walk_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[FileEntry]:
-    """Every file under the folder or prefix ``uri``, streamed: memory stays flat however many
-    files there are (a local walk with ``os.scandir``; on S3, ListObjectsV2 pages of 1,000).
-    Not sorted. A symlink counts as the file it points to; a broken one gets size -1."""
+def walk_files(
+    uri: str, suffixes: tuple[str, ...] | None = None, skipped: Counter | None = None
+) -> Iterator[FileEntry]:
+    """Every file under the folder or prefix ``uri`` whose name ends in one of ``suffixes``
+    (any case; every file without them), streamed: memory stays flat however many files there
+    are (a local walk with ``os.scandir``; on S3, ListObjectsV2 pages of 1,000). Not sorted. A
+    symlink counts as the file it points to; a broken one gets size -1. ``skipped`` counts the
+    files left out by their suffix ("" for none); hidden files are not counted."""
     if is_remote(uri):
-        yield from _walk_s3(uri, suffixes)
+        yield from _walk_s3(uri, suffixes, skipped)
         return
     stack = [normalize(uri)]
     while stack:
@@ -154,7 +159,9 @@ def walk_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[Fi
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
-                elif not suffixes or entry.name.lower().endswith(suffixes):
+                elif not _wanted(entry.name, suffixes, skipped):
+                    continue
+                else:
                     try:
                         stat = entry.stat()
                         yield FileEntry(entry.path, stat.st_size, stat.st_mtime_ns)
@@ -162,14 +169,25 @@ def walk_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[Fi
                         yield FileEntry(entry.path, -1, None)
 
 
-def _walk_s3(uri: str, suffixes: tuple[str, ...] | None) -> Iterator[FileEntry]:
+def _wanted(name: str, suffixes: tuple[str, ...] | None, skipped: Counter | None) -> bool:
+    """Whether a file ``name`` ends in one of ``suffixes``; if not, counted in ``skipped``."""
+    if not suffixes or name.lower().endswith(suffixes):
+        return True
+    if skipped is not None and name and not name.startswith("."):  # not a folder marker
+        skipped[os.path.splitext(name)[1].lower()] += 1
+    return False
+
+
+def _walk_s3(
+    uri: str, suffixes: tuple[str, ...] | None, skipped: Counter | None
+) -> Iterator[FileEntry]:
     client, bucket, key = s3_client(uri)
     pages = client.get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix=f"{key}/" if key else ""
     )
     for page in pages:
         for item in page.get("Contents", []):
-            if suffixes and not item["Key"].lower().endswith(suffixes):
+            if not _wanted(item["Key"].rsplit("/", 1)[-1], suffixes, skipped):
                 continue
             modified = item["LastModified"]  # exact integer ns, as pyarrow's listing gives
             mtime_ns = (

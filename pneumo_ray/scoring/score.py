@@ -465,7 +465,7 @@ def _write_listing(inputs: list[str], path: str) -> None:
     """Stream the inputs' listing into one local Parquet file, a page at a time."""
     listed, next_report = 0, 1_000_000
     with pq.ParquetWriter(path, LISTING_SCHEMA) as writer:
-        for page in iter_listing(inputs):
+        for page in iter_listing(inputs, report=log):
             writer.write_batch(page)
             listed += page.num_rows
             if listed >= next_report:

@@ -46,6 +46,34 @@ def test_a_folder_is_walked_in_pages_with_sizes_mtimes_and_symlinks(tmp_path, mo
     assert found[str(store / "broken.jpeg")]["image_bytes"] == -1  # gets a "no such file" row
 
 
+def test_a_walk_says_which_files_it_left_out_for_their_names(tmp_path):
+    store = tmp_path / "pacs"
+    (store / "ST0" / "SE0").mkdir(parents=True)
+    for name in ("IM0", "IM1", "IM2"):  # a DICOM export: files without a suffix
+        (store / "ST0" / "SE0" / name).write_bytes(b"\0" * 128 + b"DICM")
+    (store / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    (store / "notes.txt").write_text("not an image")
+    (store / ".DS_Store").write_bytes(b"")  # hidden files are not worth a word
+    (store / "a.DICOM").write_bytes(b"\0" * 128 + b"DICM")
+    (store / "b.jpeg").write_bytes(b"j")
+    said = []
+    pages = list(listing.iter_listing([str(store)], report=said.append))
+    found = {uri for page in pages for uri in page.column("image_uri").to_pylist()}
+    assert found == {str(store / "a.DICOM"), str(store / "b.jpeg")}
+    assert said == [
+        f"{store}: left out 5 file(s) not named as images (4 without a suffix, 1 .txt); "
+        "scored are .jpeg .jpg .png .dcm .dicom in any case; a manifest (--input list.txt) "
+        "scores files of any name, DICOM exports without a suffix too"
+    ]
+    # the manifest the line suggests scores them
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join(str(p) for p in (store / "ST0" / "SE0").iterdir()))
+    assert len(rows([manifest])[1]) == 3
+    said.clear()
+    list(listing.iter_listing([str(store / "ST0" / "SE0" / "IM0")], report=said.append))
+    assert said == []  # a file named on its own is taken as it is
+
+
 def test_csv_manifests_are_parsed_as_csv(tmp_path):
     odd = tmp_path / "images" / "smith, john_1.jpeg"  # a comma in the name
     odd.parent.mkdir()
