@@ -28,12 +28,13 @@ def write_dicom(
     slope: float = 1.0,
     intercept: float = 0.0,
     window: tuple[float, float] | None = None,
+    view: str | None = None,
 ) -> None:
     """Save a uint8 grayscale picture as DICOM with the given bit depth and photometry.
 
     MONOCHROME1 files store the inverted picture, so that a correct reader shows the same
     image as the MONOCHROME2 file. 16-bit files spread the values over 12 bits, as X-ray
-    detectors do, and store (value - intercept) / slope.
+    detectors do, and store (value - intercept) / slope. ``view``: the View Position.
     """
     values = gray.astype(np.float64) if bits == 8 else gray.astype(np.float64) * (4095 / 255)
     top = 255 if bits == 8 else 4095
@@ -53,6 +54,8 @@ def write_dicom(
     ds.RescaleIntercept = intercept
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
+    if view is not None:
+        ds.ViewPosition = view
     ds.PixelData = stored.tobytes()
     ds.save_as(str(path), enforce_file_format=True)
 

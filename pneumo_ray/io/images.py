@@ -63,18 +63,31 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+# DICOM View Position (0018,5101) values of views the models cannot read: they learnt frontal
+# chest radiographs (PA, AP; a lateral decubitus film is frontal too). Laterals and obliques
+# get an error row that says so, not a pneumonia probability.
+NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
+
+
 def _dicom_to_u8(data: bytes) -> np.ndarray:
     """A DICOM image -> 8-bit grayscale: modality LUT (rescale slope/intercept), the file's
     VOI window when it has one (else the pixel range), MONOCHROME1 inverted; a colour image
-    (a secondary capture) as Pillow's luminance. Compressed pixel data decodes through
-    pydicom's plugins: RLE natively, JPEG 2000 and 8-bit JPEG through Pillow, JPEG Lossless
-    and JPEG-LS through GDCM (python-gdcm)."""
+    (a secondary capture) as Pillow's luminance; a lateral or oblique view refused
+    (NOT_FRONTAL_VIEWS). Compressed pixel data decodes through pydicom's plugins: RLE
+    natively, JPEG 2000 and 8-bit JPEG through Pillow, JPEG Lossless and JPEG-LS through GDCM
+    (python-gdcm)."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     dataset = None
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
+        view = str(dataset.get("ViewPosition", "") or "").strip().upper()
+        if view in NOT_FRONTAL_VIEWS:
+            raise ImageDecodeError(
+                f"not a frontal chest view (DICOM ViewPosition {view}): the models read PA "
+                "and AP radiographs"
+            )
         rows, cols = int(dataset.Rows), int(dataset.Columns)
         if rows * cols > MAX_PIXELS:
             raise ImageDecodeError(f"{cols}x{rows} pixels is over the {MAX_PIXELS:,} pixel limit")

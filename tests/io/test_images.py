@@ -261,6 +261,24 @@ def test_a_dicom_codec_that_is_missing_names_the_transfer_syntax():
         decode_image(f.read(), 32)
 
 
+@pytest.mark.parametrize("view", ["LL", "RL", "RLO", "lateral"])
+def test_a_lateral_or_oblique_dicom_view_is_refused(tmp_path, view):
+    from ..dicom import write_dicom
+
+    write_dicom(tmp_path / "lat.dcm", _gradient((64, 64)), view=view)
+    with pytest.raises(ImageDecodeError, match=f"not a frontal chest view .*{view.upper()}"):
+        decode_image((tmp_path / "lat.dcm").read_bytes(), 32)
+
+
+@pytest.mark.parametrize("view", ["PA", "AP", "LLD", "", None])
+def test_frontal_dicom_views_and_files_without_one_decode(tmp_path, view):
+    from ..dicom import write_dicom
+
+    ramp = _gradient((64, 64))
+    write_dicom(tmp_path / "a.dcm", ramp, view=view)
+    assert decode_image((tmp_path / "a.dcm").read_bytes(), 32).std() > 10
+
+
 def test_corrupt_dicom_is_a_decode_error():
     data = b"\0" * 128 + b"DICM" + b"\x02\x00garbage" * 10
     with pytest.raises(ImageDecodeError, match="DICOM"):

@@ -146,9 +146,14 @@ def test_dicom_images_are_scored(trained, tmp_path, job_env):
         low, high = int(gray.min()), int(gray.max())
         stretched = np.round((gray - low) / (high - low) * 255).astype(np.uint8)
         Image.fromarray(stretched).save(folder / f"{source.stem}_{bits}_{photometric}.png")
+    write_dicom(folder / "lateral.dcm", gray, 16, view="LL")  # a lateral the models cannot read
     output = tmp_path / "scores"
     score(bundle, [folder], output, job_env)
     df = check_rows(read_scores(str(output)), bundle).set_index("image_uri")
+    lateral = df.loc[str(folder / "lateral.dcm")]
+    assert "not a frontal chest view" in lateral["error"] and lateral["error_kind"] == "permanent"
+    assert pd.isna(lateral["p_pneumonia"])
+    df = df.drop(index=str(folder / "lateral.dcm"))
     assert len(df) == 8 and df["error"].isna().all()
     for dcm in (u for u in df.index if u.endswith(".dcm")):
         png = dcm[: -len(".dcm")] + ".png"
