@@ -39,12 +39,18 @@ class ImageDecodeError(ValueError):
     """Bytes that are not a usable chest X-ray image; the message says why."""
 
 
+# 16-bit grey -> 8-bit, value by value (scaled by 1/257 and rounded): one lookup per pixel.
+U16_TO_U8 = np.clip(np.round(np.arange(65536, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+
+
 def _to_grayscale_u8(image: Image.Image) -> np.ndarray:
     """Any Pillow mode -> 8-bit grayscale array."""
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return U16_TO_U8[np.asarray(image)]
+    if mode == "I":
         pixels = np.asarray(image, dtype=np.float64)
-        if mode == "I" and pixels.max(initial=0) > 65535:
+        if pixels.max(initial=0) > 65535:
             raise ImageDecodeError(f"32-bit integer pixels up to {pixels.max():.0f}")
         return np.clip(np.round(pixels / 257.0), 0, 255).astype(np.uint8)
     if mode == "F":
@@ -77,7 +83,6 @@ def _dicom_to_u8(data: bytes) -> np.ndarray:
     natively, JPEG 2000 and 8-bit JPEG through Pillow, JPEG Lossless and JPEG-LS through GDCM
     (python-gdcm)."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     dataset = None
     try:
@@ -106,14 +111,58 @@ def _dicom_to_u8(data: bytes) -> np.ndarray:
         return np.asarray(Image.fromarray(pixels, "RGB").convert("L"), dtype=np.uint8)
     if pixels.ndim != 2:
         raise ImageDecodeError(f"DICOM pixel data of shape {pixels.shape}; expected one 2-D frame")
-    values = apply_modality_lut(pixels, dataset).astype(np.float64)
+    if pixels.dtype.kind in "iu":
+        low, high = int(pixels.min()), int(pixels.max())
+        if high - low < DICOM_TABLE_LEVELS:
+            return _grey_by_table(pixels, dataset, low, high)
+    return _grey(pixels, dataset)
+
+
+# Integer DICOM pixels spanning at most this many stored values (16-bit data always does) go
+# through a lookup table: each stored value once through the display steps, then one gather.
+DICOM_TABLE_LEVELS = 1 << 16
+
+
+def _display_values(stored: np.ndarray, dataset) -> np.ndarray:
+    """Stored DICOM values -> display values (float64), value by value: the modality LUT
+    (rescale slope and intercept, or a LUT), then the file's VOI window or LUT if it has one."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(stored, dataset).astype(np.float64)
     if "WindowCenter" in dataset and "WindowWidth" in dataset:
         values = apply_voi_lut(values, dataset).astype(np.float64)
-    low, high = float(values.min()), float(values.max())
+    return values
+
+
+def _stretch_u8(values: np.ndarray, low: float, high: float, dataset) -> np.ndarray:
+    """Display values -> uint8 over [low, high]; MONOCHROME1 (high values dark) inverted."""
     scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
     if getattr(dataset, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-        scaled = 1.0 - scaled  # MONOCHROME1: high values are dark
+        scaled = 1.0 - scaled
     return np.round(scaled * 255.0).astype(np.uint8)
+
+
+def _grey(pixels: np.ndarray, dataset) -> np.ndarray:
+    """A DICOM frame -> uint8, every pixel through the display steps and stretched to the
+    range of the frame's display values."""
+    values = _display_values(pixels, dataset)
+    return _stretch_u8(values, float(values.min()), float(values.max()), dataset)
+
+
+def _grey_by_table(pixels: np.ndarray, dataset, low: int, high: int) -> np.ndarray:
+    """``_grey`` to the bit, for integer pixels within [low, high]: every stored value from
+    low to high once through the same steps, stretched to the range of the values the frame
+    holds, then looked up per pixel. About a third of ``_grey``'s time on a 16-bit frame."""
+    levels = _display_values(np.arange(low, high + 1, dtype=pixels.dtype), dataset)
+    index = pixels - low if pixels.dtype.kind == "u" else np.subtract(pixels, low, dtype=np.int32)
+    steps = np.diff(levels)
+    if (steps >= 0).all() or (steps <= 0).all():  # monotonic: the extremes are low's and high's
+        held = levels[[0, -1]]
+    else:  # a LUT that turns back: the extremes of the values the frame holds
+        present = np.zeros(len(levels), dtype=bool)
+        present[index] = True
+        held = levels[present]
+    return _stretch_u8(levels, float(held.min()), float(held.max()), dataset)[index]
 
 
 def gpu_decodable(data: bytes) -> bool:

@@ -279,6 +279,67 @@ def test_frontal_dicom_views_and_files_without_one_decode(tmp_path, view):
     assert decode_image((tmp_path / "a.dcm").read_bytes(), 32).std() > 10
 
 
+@pytest.mark.parametrize(
+    ("dtype", "span", "slope", "intercept", "photometric", "window"),
+    [
+        (np.uint8, (0, 256), 1.0, 0.0, "MONOCHROME2", None),
+        (np.uint16, (0, 4096), 1.0, 0.0, "MONOCHROME2", None),  # 12 bits, as detectors
+        (np.uint16, (17, 65536), 2.0, -1024.0, "MONOCHROME1", None),
+        (np.uint16, (300, 3900), 1.0, 0.0, "MONOCHROME2", (2000.0, 1500.0)),  # windowed
+        (np.int16, (-2000, 2500), 1.5, -1000.0, "MONOCHROME2", None),  # signed
+        (np.int16, (-300, 900), -1.0, 0.0, "MONOCHROME1", None),  # a falling modality LUT
+    ],
+)
+def test_the_dicom_lookup_table_gives_the_per_pixel_result_to_the_bit(
+    dtype, span, slope, intercept, photometric, window
+):
+    from pydicom.dataset import Dataset
+
+    from pneumo_ray.io import images
+
+    dataset = Dataset()
+    dataset.RescaleSlope, dataset.RescaleIntercept = slope, intercept
+    dataset.PhotometricInterpretation = photometric
+    dataset.BitsStored = 8 * np.dtype(dtype).itemsize
+    dataset.PixelRepresentation = int(np.dtype(dtype).kind == "i")
+    if window is not None:
+        dataset.WindowCenter, dataset.WindowWidth = window
+    pixels = np.random.default_rng(0).integers(*span, size=(97, 83)).astype(dtype)
+    low, high = int(pixels.min()), int(pixels.max())
+    table = images._grey_by_table(pixels, dataset, low, high)
+    np.testing.assert_array_equal(table, images._grey(pixels, dataset))
+    assert table.min() == 0 and table.max() == 255
+
+
+def test_a_dicom_lut_that_turns_back_is_stretched_over_the_values_the_frame_holds(monkeypatch):
+    from pydicom.dataset import Dataset
+
+    from pneumo_ray.io import images
+
+    # a display LUT with its largest value at a stored value the frame does not hold (500)
+    monkeypatch.setattr(images, "_display_values", lambda v, ds: -((v - 500.0) ** 2))
+    pixels = np.array([[100, 200], [800, 900]], dtype=np.uint16)
+    dataset = Dataset()
+    table = images._grey_by_table(pixels, dataset, 100, 900)
+    np.testing.assert_array_equal(table, images._grey(pixels, dataset))
+    assert table.max() == 255 and table.min() == 0  # 200 and 800 are brightest, 900 darkest
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16_bit_grey_becomes_8_bit_by_the_same_rounding_in_every_mode(mode):
+    from pneumo_ray.io.images import _to_grayscale_u8
+
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    image = {
+        "I;16": lambda: Image.fromarray(values),
+        "I;16B": lambda: Image.frombytes("I;16B", (256, 256), values.astype(">u2").tobytes()),
+        "I": lambda: Image.fromarray(values.astype(np.int32)),
+    }[mode]()
+    assert image.mode == mode
+    expected = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(_to_grayscale_u8(image), expected)
+
+
 def test_corrupt_dicom_is_a_decode_error():
     data = b"\0" * 128 + b"DICM" + b"\x02\x00garbage" * 10
     with pytest.raises(ImageDecodeError, match="DICOM"):
