@@ -143,9 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
         "label": labels,
     }
 
+    patients = {image.uri: image.patient_id for image in images}
     results = {
-        "as_trained": evaluate_predictions(base, as_trained, args.bootstrap).metrics,
-        "adapted": evaluate_predictions(base, adapted, args.bootstrap).metrics,
+        name: evaluate_predictions(base, p, args.bootstrap, patients).metrics
+        for name, p in (("as_trained", as_trained), ("adapted", adapted))
     }
     print(
         f"\nBundle as trained (validation-chosen operating point) against the bundle adapted on "

@@ -107,7 +107,12 @@ def train_parser(prog: str | None = None) -> Parser:
 
 
 def _data_flags(group) -> None:
-    group.add_argument("--data", required=True, help="labelled store (Kaggle layout)")
+    group.add_argument(
+        "--data",
+        required=True,
+        help="labelled store: a Kaggle-layout folder or s3:// prefix, or a labels manifest "
+        "(.csv/.parquet: image_uri, label, patient_id, split)",
+    )
     group.add_argument("--output", required=True, help="where the bundle goes")
     group.add_argument("--image-size", type=int, default=224)
     group.add_argument("--batch-size", type=int, default=32)
@@ -528,7 +533,12 @@ def evaluate_parser(prog: str | None = None) -> Parser:
         "bootstrap 95%% intervals, written to --output (default BUNDLE/evaluation/SPLIT).",
     )
     parser.add_argument("--model", required=True, help="model bundle (folder or s3:// URI)")
-    parser.add_argument("--data", required=True, help="labelled store (Kaggle layout)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="labelled store: a Kaggle-layout folder or s3:// prefix, or a labels manifest "
+        "(.csv/.parquet: image_uri, label, optional patient_id and split; no split: test rows)",
+    )
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument(
         "--output", default=None, help="report folder (default: MODEL/evaluation/SPLIT)"
@@ -574,7 +584,13 @@ def adapt_parser(prog: str | None = None) -> Parser:
         "the adapted bundle to --output. No network is retrained.",
     )
     parser.add_argument("--model", required=True, help="model bundle (folder or s3:// URI)")
-    parser.add_argument("--data", required=True, help="the site's labelled store (Kaggle layout)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="the site's labelled images: a Kaggle-layout folder or s3:// prefix, or a labels "
+        "manifest (.csv/.parquet: image_uri, label, optional patient_id and split; no split: "
+        "test rows)",
+    )
     parser.add_argument(
         "--split",
         default="test",

@@ -8,6 +8,7 @@ it and name it in the report.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import random
 import time
@@ -16,15 +17,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import ray
 
 from pneumo_ray import faults
-from pneumo_ray.io import stores
+from pneumo_ray.io import listing, stores
 from pneumo_ray.io.images import ImageDecodeError, decode_image, gpu_decodable, image_stats
 from pneumo_ray.io.labels import (
     CLASS_DIRS,
     CLASS_LABELS,
     IMAGE_SUFFIXES,
+    SPLITS,
     LabelError,
     LabelledImage,
     label_from_path,
@@ -139,22 +144,40 @@ def _only_normal(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def list_store(uri: str) -> list[LabelledImage]:
-    """List and label every image of a Kaggle-layout store ``{train,val,test}/{NORMAL,PNEUMONIA}``.
+    """List and label every image of a labelled store: a Kaggle-layout folder or prefix
+    ``{train,val,test}/{NORMAL,PNEUMONIA}``, or a labels manifest (``.csv``/``.parquet``,
+    see ``list_labels_manifest``).
 
-    Raises StoreError for a missing store, StoreLayoutError for a missing split or class, and
-    LabelError (naming the file) for a file whose name gives no label or patient.
+    Raises StoreError for a missing store, StoreLayoutError for a store without images, and
+    LabelError (naming the file or row) for an image without a label or patient.
     """
+    if uri.lower().endswith(LABELS_MANIFEST_SUFFIXES) and stores.exists(uri):
+        return list_labels_manifest(uri)
     if not stores.is_dir(uri):
-        raise stores.StoreError(f"{uri}: image store not found (expected a folder or s3:// prefix)")
+        raise stores.StoreError(
+            f"{uri}: image store not found (expected a folder, an s3:// prefix or a labels "
+            "manifest .csv/.parquet)"
+        )
     images: list[LabelledImage] = []
     root = stores.normalize(uri)
     for entry in stores.list_files(root, IMAGE_SUFFIXES):
         relative = stores.parts_below(root, entry.uri)
-        if len(relative) != 3 or relative[0] not in ("train", "val", "test"):
+        if len(relative) != 3 or relative[0] not in SPLITS:
             continue  # README files, manifests, other folders: not part of the layout
         if relative[1].upper() not in CLASS_DIRS:
             raise LabelError(f"{entry.uri}: class folder must be NORMAL or PNEUMONIA")
         images.append(label_from_path(entry.uri, relative[0], entry.size, entry.mtime_ns))
+    if not images:
+        raise StoreLayoutError(
+            f"{uri}: no images in {{train,val,test}}/{{NORMAL,PNEUMONIA}}/ "
+            f"({'/'.join(IMAGE_SUFFIXES)})"
+        )
+    return images
+
+
+def check_training_store(images: Sequence[LabelledImage], uri: str) -> None:
+    """What training needs of a labelled store: every class among the train and val images,
+    and normal and pneumonia test images (StoreLayoutError naming what is missing)."""
     train = Counter(image.label for image in images if image.split in ("train", "val"))
     for label in CLASS_LABELS:
         if not train[label]:
@@ -163,7 +186,73 @@ def list_store(uri: str) -> list[LabelledImage]:
     for is_normal, folder in ((True, "NORMAL"), (False, "PNEUMONIA")):
         if not test[is_normal]:
             raise StoreLayoutError(f"{uri}: test/{folder} has no .jpeg/.jpg/.png images")
+
+
+LABELS_MANIFEST_SUFFIXES = (".csv", ".parquet")
+LABEL_NAMES = {
+    "normal": "normal",
+    "bacterial": "bacterial",
+    "bacteria": "bacterial",
+    "viral": "viral",
+    "virus": "viral",
+}
+
+
+def list_labels_manifest(uri: str) -> list[LabelledImage]:
+    """The images of a labels manifest: a CSV (with a header) or Parquet table with a column
+    ``image_uri`` (or ``uri``, ``path``), ``label`` (normal, bacterial or viral), and optionally
+    ``patient_id`` (or ``patient``; without it each image is its own patient) and ``split``
+    (train, val or test; without it every row is a test row, what evaluation and adaptation
+    read by default). URIs may be any file the decoder reads, DICOM without a suffix too;
+    relative ones are relative to the manifest's folder."""
+    table = _read_table(uri)
+    names = table.schema.names
+    uri_column = listing.first_column(names, listing.URI_COLUMNS)
+    label_column = listing.first_column(names, ("label", "class"))
+    if uri_column is None or label_column is None:
+        raise LabelError(
+            f"{uri}: a labels manifest needs a column image_uri (or uri, path) and a column "
+            f"label; it has {', '.join(names)}"
+        )
+    patient_column = listing.first_column(names, ("patient_id", "patient"))
+    split_column = listing.first_column(names, ("split",))
+    rows = table.to_pylist()
+    uris = listing.absolute_uris([str(row[uri_column] or "") for row in rows], uri)
+    images = []
+    for number, (row, image_uri, entry) in enumerate(
+        zip(rows, uris, listing.stat_uris(uris), strict=True), start=2
+    ):
+        label = LABEL_NAMES.get(str(row[label_column] or "").strip().lower())
+        split = str(row[split_column] or "").strip().lower() if split_column else "test"
+        if not row[uri_column] or label is None or split not in SPLITS:
+            raise LabelError(
+                f"{uri}, row {number}: needs an image URI, a label of normal, bacterial or "
+                f"viral, and a split of train, val or test; got {row!r}"
+            )
+        patient = str(row[patient_column] or "") if patient_column else ""
+        images.append(
+            LabelledImage(image_uri, split, label, patient or image_uri, entry.size,
+                          entry.mtime_ns)
+        )  # fmt: skip
+    if not images:
+        raise StoreLayoutError(f"{uri}: the labels manifest has no rows")
     return images
+
+
+def _read_table(uri: str) -> pa.Table:
+    """A labels manifest as a table; a CSV's columns all as text (patient "007" stays so)."""
+    fs, path = stores.resolve(uri)
+    if uri.lower().endswith(".parquet"):
+        with fs.open_input_file(path) as handle:
+            return pq.read_table(handle)
+    with fs.open_input_stream(path) as handle:
+        header = handle.read(64 * 1024).split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    names = next(csv.reader([header]), [])
+    convert = pacsv.ConvertOptions(
+        column_types={name: pa.string() for name in names}, strings_can_be_null=True
+    )
+    with fs.open_input_stream(path) as handle:
+        return pacsv.read_csv(handle, convert_options=convert)
 
 
 def fingerprint(images: Sequence[LabelledImage]) -> dict:

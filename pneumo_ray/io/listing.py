@@ -62,7 +62,7 @@ def _paged(entries: Iterator[stores.FileEntry]) -> Iterator[pa.RecordBatch]:
         yield _page(page)
 
 
-def _stat(uris: list[str]) -> list[stores.FileEntry]:
+def stat_uris(uris: list[str]) -> list[stores.FileEntry]:
     """Sizes and mtimes of explicit URIs, asked for in bulk per filesystem."""
     entries = []
     by_store: dict[str, list[str]] = {}
@@ -79,7 +79,7 @@ def _stat(uris: list[str]) -> list[stores.FileEntry]:
     return entries
 
 
-def _absolute(uris: list[str], manifest: str) -> list[str]:
+def absolute_uris(uris: list[str], manifest: str) -> list[str]:
     base = manifest.rsplit("/", 1)[0]
     return [
         stores.normalize(u if stores.is_remote(u) or os.path.isabs(u) else stores.join(base, u))
@@ -87,7 +87,7 @@ def _absolute(uris: list[str], manifest: str) -> list[str]:
     ]
 
 
-def _first(names: list[str], candidates: tuple[str, ...]) -> str | None:
+def first_column(names: list[str], candidates: tuple[str, ...]) -> str | None:
     lower = {name.lower(): name for name in names}
     return next((lower[c] for c in candidates if c in lower), None)
 
@@ -95,12 +95,15 @@ def _first(names: list[str], candidates: tuple[str, ...]) -> str | None:
 def _manifest_page(table: pa.Table | pa.RecordBatch, manifest: str) -> pa.RecordBatch:
     """A batch of manifest rows -> a listing page (stat only when sizes/mtimes are missing)."""
     names = table.schema.names
-    uri_column = _first(names, URI_COLUMNS) or names[0]
-    uris = _absolute([u for u in table.column(uri_column).to_pylist() if u], manifest)
-    size_column, mtime_column = _first(names, SIZE_COLUMNS), _first(names, MTIME_COLUMNS)
-    modified = _first(names, ("last_modified", "last_modified_date"))
+    uri_column = first_column(names, URI_COLUMNS) or names[0]
+    uris = absolute_uris([u for u in table.column(uri_column).to_pylist() if u], manifest)
+    size_column, mtime_column = (
+        first_column(names, SIZE_COLUMNS),
+        first_column(names, MTIME_COLUMNS),
+    )
+    modified = first_column(names, ("last_modified", "last_modified_date"))
     if size_column is None or (mtime_column is None and modified is None):
-        return _page(_stat(uris))
+        return _page(stat_uris(uris))
     valid = pc.is_valid(table.column(uri_column))
     sizes = pc.filter(table.column(size_column), valid).cast(pa.int64())
     if mtime_column is not None:
@@ -126,7 +129,7 @@ def _read_manifest(uri: str) -> Iterator[pa.RecordBatch]:
     if lower.endswith(".parquet"):
         with fs.open_input_file(path) as handle:
             manifest = pq.ParquetFile(handle)
-            if _first(manifest.schema_arrow.names, URI_COLUMNS) is None:
+            if first_column(manifest.schema_arrow.names, URI_COLUMNS) is None:
                 raise ConfigError(
                     f"{uri}: a Parquet manifest needs a column image_uri, uri or path"
                 )
@@ -158,10 +161,10 @@ def _read_manifest(uri: str) -> Iterator[pa.RecordBatch]:
                 continue
             page.append(line)
             if len(page) == PAGE:
-                yield _page(_stat(_absolute(page, uri)))
+                yield _page(stat_uris(absolute_uris(page, uri)))
                 page = []
         if page:
-            yield _page(_stat(_absolute(page, uri)))
+            yield _page(stat_uris(absolute_uris(page, uri)))
 
 
 def iter_listing(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,7 +169,10 @@ def bootstrap_intervals(
 
 
 def evaluate_predictions(
-    bundle: Bundle, p: dict[str, np.ndarray], replicates: int = BOOTSTRAP_REPLICATES
+    bundle: Bundle,
+    p: dict[str, np.ndarray],
+    replicates: int = BOOTSTRAP_REPLICATES,
+    patients: Mapping[str, str] | None = None,
 ) -> Evaluation:
     """Full metrics of each model, headline figures, and their bootstrap intervals."""
     truth_binary = np.where(p["label"] == "normal", *BINARY_LABELS)
@@ -200,7 +204,12 @@ def evaluate_predictions(
     metrics["autoencoder"]["score"] = bundle.anomaly_score_kind
     metrics["autoencoder_mse"]["score"] = "mse"
     point = headline_figures(p)
-    groups = np.array([patient_id(uri.rsplit("/", 1)[-1]) for uri in p["image_uri"]])
+    groups = np.array(
+        [
+            patients[uri] if patients else patient_id(uri.rsplit("/", 1)[-1])
+            for uri in p["image_uri"]
+        ]
+    )
     intervals = bootstrap_intervals(p, groups, replicates) if replicates else {}
     for model, figures in point.items():
         metrics[model]["headline"] = figures
@@ -221,9 +230,13 @@ def evaluate_bundle(
     dataset: ray.data.Dataset,
     replicates: int = BOOTSTRAP_REPLICATES,
     plan: ActorPlan | None = None,
+    patients: Mapping[str, str] | None = None,
 ) -> Evaluation:
-    """Score a decoded, labelled dataset with all four models and compute their metrics."""
-    return evaluate_predictions(bundle, predict_dataset(bundle, dataset, plan), replicates)
+    """Score a decoded, labelled dataset with all four models and compute their metrics;
+    ``patients`` (image URI -> patient id) groups the bootstrap, else the Kermany names do."""
+    return evaluate_predictions(
+        bundle, predict_dataset(bundle, dataset, plan), replicates, patients
+    )
 
 
 MODEL_TITLES = {
@@ -374,7 +387,8 @@ def evaluate_store(
         f"at {bundle.image_size}x{bundle.image_size}"
     )
     decoded = decode_images(images, bundle.image_size)
-    evaluation = evaluate_bundle(bundle, decoded.dataset, replicates)
+    patients = {image.uri: image.patient_id for image in images}
+    evaluation = evaluate_bundle(bundle, decoded.dataset, replicates, patients=patients)
     output = output or stores.join(model, "evaluation", split)
     with tempfile.TemporaryDirectory() as directory:
         write_report(

@@ -289,11 +289,19 @@ def list_and_decode(config: TrainConfig) -> Splits:
     """List and label the store, split by patient, decode every split with Ray Data."""
     log(f"listing {config.data}")
     images = data.list_store(config.data)
+    data.check_training_store(images, config.data)
     pool = limit_per_class(
         [i for i in images if i.split in ("train", "val")], config.limit, config.seed
     )
     test_images = [i for i in images if i.split == "test"]
     train_images, val_images = split_by_patient(pool, config.val_fraction, config.seed)
+    if not train_images or not val_images:
+        patients = len({i.patient_id for i in pool})
+        raise ValueError(
+            f"{config.data}: {len(pool)} training images of {patients} patients leave "
+            f"{len(train_images)} to train on and {len(val_images)} to validate on at "
+            f"--val-fraction {config.val_fraction}: more images (or patients) are needed"
+        )
     log(
         f"{len(train_images)} training, {len(val_images)} validation images "
         f"({len({i.patient_id for i in val_images})} patients held out), {len(test_images)} test"
@@ -640,7 +648,8 @@ def evaluate_and_write(
     """Evaluate the bundle on the test split (model actors on the cluster), then write it
     with its report; returns the card as written."""
     log("evaluating on the test split")
-    evaluation = evaluate_bundle(bundle, splits.test.dataset, plan=plan)
+    patients = {image.uri: image.patient_id for image in splits.test_images}
+    evaluation = evaluate_bundle(bundle, splits.test.dataset, plan=plan, patients=patients)
     card = bundle.card
     card["metrics"] = {"test": evaluation.metrics, "bootstrap": evaluation.bootstrap}
     with tempfile.TemporaryDirectory() as report_dir:

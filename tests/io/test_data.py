@@ -5,9 +5,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pneumo_ray.io import data, stores
+from pneumo_ray.io.images import decode_image
 from pneumo_ray.io.labels import LabelError
 from pneumo_ray.io.synthetic import write_synthetic_store
 
@@ -55,12 +59,84 @@ def test_empty_class_is_a_clear_error(synthetic_store, tmp_path):
     store = _copy(synthetic_store, tmp_path)
     shutil.rmtree(f"{store}/test/NORMAL")
     with pytest.raises(data.StoreLayoutError, match="test/NORMAL has no"):
-        data.list_store(store)
+        data.check_training_store(data.list_store(store), store)
     store2 = _copy(synthetic_store, tmp_path / "b")
     for path in (tmp_path / "b" / "copy").glob("*/PNEUMONIA/*virus*"):
         path.unlink()
     with pytest.raises(data.StoreLayoutError, match="no viral image"):
-        data.list_store(store2)
+        data.check_training_store(data.list_store(store2), store2)
+
+
+def test_a_site_store_with_only_its_test_split_is_listed_for_evaluation(synthetic_store, tmp_path):
+    from pneumo_ray.training.evaluation import split_images
+
+    store = _copy(synthetic_store, tmp_path)
+    for split in ("train", "val"):
+        shutil.rmtree(f"{store}/{split}", ignore_errors=True)
+    images = split_images(store, "test")
+    assert images and {i.split for i in images} == {"test"}
+    with pytest.raises(data.StoreLayoutError, match="no images in the 'val' split"):
+        split_images(store, "val")
+    with pytest.raises(data.StoreLayoutError, match="training images have no normal"):
+        data.check_training_store(images, store)  # what training asks, and a site store lacks
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.StoreLayoutError, match="no images in"):
+        data.list_store(str(tmp_path / "empty"))
+
+
+def test_a_labels_manifest_names_any_files_with_labels_and_patients(tmp_path):
+    from ..dicom import write_dicom
+
+    folder = tmp_path / "export" / "ST0"
+    folder.mkdir(parents=True)
+    jpegs = sorted((CHEST_XRAY / "test" / "NORMAL").glob("*.jpeg"))[:2]
+    gray = np.asarray(Image.open(jpegs[0]).convert("L"))
+    write_dicom(folder / "IM000001", gray, bits=16)  # a PACS export: no suffix
+    shutil.copy(jpegs[1], folder / "scan 2, lateral.jpeg")  # a comma in the name
+    manifest = tmp_path / "export" / "labels.csv"
+    manifest.write_text(
+        "image_uri,label,patient_id\n"
+        "ST0/IM000001,Normal,007\n"
+        '"ST0/scan 2, lateral.jpeg",virus,007\n'
+        f"{jpegs[0]},bacterial,12\n"
+    )
+    images = data.list_store(str(manifest))
+    assert [(i.label, i.patient_id, i.split) for i in images] == [
+        ("normal", "007", "test"),  # no split column: test rows, what evaluation reads
+        ("viral", "007", "test"),
+        ("bacterial", "12", "test"),
+    ]
+    assert images[0].uri == str(folder / "IM000001")  # relative to the manifest's folder
+    assert images[0].size == (folder / "IM000001").stat().st_size
+    assert decode_image((folder / "IM000001").read_bytes(), 32).std() > 0  # by its bytes
+
+    table = pa.table(
+        {
+            "uri": [str(jpegs[0]), str(jpegs[1])],
+            "label": ["normal", "viral"],
+            "split": ["train", "test"],
+        }
+    )
+    pq.write_table(table, tmp_path / "labels.parquet")
+    images = data.list_store(str(tmp_path / "labels.parquet"))
+    assert [(i.split, i.patient_id) for i in images] == [
+        ("train", str(jpegs[0])),  # no patient column: each image its own patient
+        ("test", str(jpegs[1])),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("path,diagnosis\na.jpeg,normal\n", "needs a column image_uri .* and a column label"),
+        ("image_uri,label\na.jpeg,normal\nb.jpeg,pneumonia\n", "row 3: needs .* normal"),
+        ("image_uri,label,split\na.jpeg,normal,holdout\n", "row 2: .* split of train"),
+    ],
+)
+def test_a_bad_labels_manifest_names_the_row(tmp_path, text, match):
+    (tmp_path / "labels.csv").write_text(text)
+    with pytest.raises(LabelError, match=match):
+        data.list_store(str(tmp_path / "labels.csv"))
 
 
 def test_unknown_filename_pattern_is_an_error_naming_the_file(synthetic_store, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -87,6 +88,34 @@ def test_evaluation_of_a_missing_split_or_bundle_fails_clearly(trained, subset_s
         env=job_env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 1 and "not a model bundle" in result.stderr
+
+
+def test_a_labels_manifest_evaluates_as_the_store_it_lists(evaluated, subset_store, job_env,
+                                                          tmp_path):  # fmt: skip
+    """A site's images named in a labels manifest (any file names, any folders) give the
+    same figures as the same images in the Kaggle layout."""
+    from pneumo_ray.io import data
+
+    bundle, output, _ = evaluated
+    images = [i for i in data.list_store(str(subset_store)) if i.split == "test"]
+    lines = ["image_uri,label,patient_id"]
+    for n, image in enumerate(images):  # the site's own names, in one folder, no label in them
+        copy = tmp_path / "site" / f"scan{n:04d}.jpeg"
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copy(image.uri, copy)
+        lines.append(f"site/{copy.name},{image.label},{image.patient_id}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    result = run_job(
+        "evaluate.py", "--model", str(bundle), "--data", str(tmp_path / "labels.csv"),
+        "--output", str(tmp_path / "report"), "--bootstrap", "20", env=job_env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from_store = json.loads((output / "metrics.json").read_text())["test"]
+    from_manifest = json.loads((tmp_path / "report" / "metrics.json").read_text())["test"]
+    for model in MODELS:
+        assert from_manifest[model]["headline"] == pytest.approx(
+            from_store[model]["headline"], nan_ok=True
+        )
 
 
 def test_quality_script_trains_evaluates_and_checks_targets(subset_store, job_env, tmp_path):

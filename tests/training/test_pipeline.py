@@ -42,3 +42,35 @@ def test_knn_k_given_or_limited_by_the_reference_size():
     small = {key: value[:20] for key, value in train.items()}
     knn, accuracy = _choose_knn(TrainConfig.from_flat(data="/s", output="/o"), small, val)
     assert set(accuracy["softmax"]) == {"5", "15"} and knn.k in (5, 15)
+
+
+def test_training_reads_a_labels_manifest_by_its_split_column(ray_local, tmp_path):
+    import pytest
+
+    from pneumo_ray.io import data
+    from pneumo_ray.io.synthetic import write_synthetic_store
+    from pneumo_ray.training.pipeline import list_and_decode
+
+    store = write_synthetic_store(str(tmp_path / "store"), per_class=6, test_per_class=2, size=32)
+    images = data.list_store(store)
+    rows = [f"{i.uri},{i.label},{i.patient_id},{i.split}" for i in images]
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("image_uri,label,patient_id,split\n" + "\n".join(rows) + "\n")
+    config = TrainConfig.from_flat(data=str(manifest), output=str(tmp_path / "b"), image_size=32)
+    splits = list_and_decode(config)
+    pool = {i.uri for i in images if i.split in ("train", "val")}
+    assert {i.uri for i in splits.train_images + splits.val_images} == pool
+    assert {i.uri for i in splits.test_images} == {i.uri for i in images if i.split == "test"}
+    assert splits.train.count == len(splits.train_images)  # decoded, by the manifest's URIs
+    # without a split column every row is a test row, which training refuses by name
+    manifest.write_text("image_uri,label\n" + "\n".join(r.rsplit(",", 2)[0] for r in rows))
+    with pytest.raises(data.StoreLayoutError, match="training images have no normal image"):
+        list_and_decode(config)
+    # too few patients to hold any out: a sentence, not a failure inside Ray Data
+    small = TrainConfig.from_flat(data=str(manifest), output="/o", image_size=32, val_fraction=0.01)
+    first = {i.label: i for i in reversed(images) if i.split == "train"}  # one per class
+    kept = [*first.values(), *(i for i in images if i.split == "test")]
+    rows = [f"{i.uri},{i.label},{i.patient_id},{i.split}" for i in kept]
+    manifest.write_text("image_uri,label,patient_id,split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match="to validate on at --val-fraction 0.01"):
+        list_and_decode(small)
