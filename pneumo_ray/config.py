@@ -297,7 +297,8 @@ class TrainConfig:
     as the command line gives them."""
 
     data: str
-    """Labelled image store: local folder or s3:// URI in the Kaggle layout (--data)."""
+    """Labelled images: a local folder or s3:// URI in the Kaggle layout, or a labels manifest
+    with a split column (--data)."""
     output: str
     """Where the model bundle goes: local folder or s3:// URI (--output)."""
     image_size: int = 224
