@@ -218,7 +218,7 @@ def list_labels_manifest(uri: str) -> list[LabelledImage]:
     split_column = listing.first_column(names, ("split",))
     rows = table.to_pylist()
     uris = listing.absolute_uris([str(row[uri_column] or "") for row in rows], uri)
-    images = []
+    images, seen = [], {}
     for number, (row, image_uri, entry) in enumerate(
         zip(rows, uris, listing.stat_uris(uris), strict=True), start=2
     ):
@@ -229,6 +229,9 @@ def list_labels_manifest(uri: str) -> list[LabelledImage]:
                 f"{uri}, row {number}: needs an image URI, a label of normal, bacterial or "
                 f"viral, and a split of train, val or test; got {row!r}"
             )
+        if image_uri in seen:
+            raise LabelError(f"{uri}, row {number}: {image_uri} is on row {seen[image_uri]} too")
+        seen[image_uri] = number
         patient = str(row[patient_column] or "") if patient_column else ""
         images.append(
             LabelledImage(image_uri, split, label, patient or image_uri, entry.size,
@@ -246,7 +249,8 @@ def _read_table(uri: str) -> pa.Table:
         with fs.open_input_file(path) as handle:
             return pq.read_table(handle)
     with fs.open_input_stream(path) as handle:
-        header = handle.read(64 * 1024).split(b"\n", 1)[0].decode("utf-8", errors="replace")
+        # utf-8-sig: a spreadsheet's CSV often starts with a byte-order mark
+        header = handle.read(64 * 1024).split(b"\n", 1)[0].decode("utf-8-sig", errors="replace")
     names = next(csv.reader([header]), [])
     convert = pacsv.ConvertOptions(
         column_types={name: pa.string() for name in names}, strings_can_be_null=True

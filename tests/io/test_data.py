@@ -95,10 +95,10 @@ def test_a_labels_manifest_names_any_files_with_labels_and_patients(tmp_path):
     shutil.copy(jpegs[1], folder / "scan 2, lateral.jpeg")  # a comma in the name
     manifest = tmp_path / "export" / "labels.csv"
     manifest.write_text(
-        "image_uri,label,patient_id\n"
-        "ST0/IM000001,Normal,007\n"
-        '"ST0/scan 2, lateral.jpeg",virus,007\n'
-        f"{jpegs[0]},bacterial,12\n"
+        "\ufeffpatient_id,image_uri,label\n"  # as a spreadsheet saves it: a byte-order mark
+        "007,ST0/IM000001,Normal\n"
+        '007,"ST0/scan 2, lateral.jpeg",virus\n'
+        f"12,{jpegs[0]},bacterial\n"
     )
     images = data.list_store(str(manifest))
     assert [(i.label, i.patient_id, i.split) for i in images] == [
@@ -131,6 +131,7 @@ def test_a_labels_manifest_names_any_files_with_labels_and_patients(tmp_path):
         ("path,diagnosis\na.jpeg,normal\n", "needs a column image_uri .* and a column label"),
         ("image_uri,label\na.jpeg,normal\nb.jpeg,pneumonia\n", "row 3: needs .* normal"),
         ("image_uri,label,split\na.jpeg,normal,holdout\n", "row 2: .* split of train"),
+        ("uri,label\na.jpeg,normal\nb.jpeg,viral\na.jpeg,viral\n", "row 4: .*a.jpeg is on row 2"),
     ],
 )
 def test_a_bad_labels_manifest_names_the_row(tmp_path, text, match):
