@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pneumo_ray.cli import user_errors  # noqa: E402
 from pneumo_ray.io.data import list_store, load_image  # noqa: E402
-from pneumo_ray.io.labels import CLASS_LABELS, patient_folds  # noqa: E402
+from pneumo_ray.io.labels import CLASS_LABELS, patient_folds, patients_by_uri  # noqa: E402
 
 FIGURES = (
     ("binary", "roc_auc"),
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
         "label": labels,
     }
 
-    patients = {image.uri: image.patient_id for image in images}
+    patients = patients_by_uri(images)
     results = {
-        name: evaluate_predictions(base, p, args.bootstrap, patients).metrics
+        name: evaluate_predictions(base, p, patients, args.bootstrap).metrics
         for name, p in (("as_trained", as_trained), ("adapted", adapted))
     }
     print(

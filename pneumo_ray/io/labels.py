@@ -98,6 +98,11 @@ def label_from_path(uri: str, split: str, size: int, mtime_ns: int | None = None
     )
 
 
+def patients_by_uri(images: Iterable[LabelledImage]) -> dict[str, str]:
+    """Image URI -> patient id: what groups a patient-level bootstrap."""
+    return {image.uri: image.patient_id for image in images}
+
+
 def _patients_by_label(images: Sequence[LabelledImage]) -> dict[str, list[str]]:
     """Patient ids by each patient's majority label, in sorted order: what a seeded shuffle
     starts from, so a split depends on the seed and the data only, not on listing order."""

@@ -159,9 +159,7 @@ def walk_files(
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
-                elif not _wanted(entry.name, suffixes, skipped):
-                    continue
-                else:
+                elif _wanted(entry.name, suffixes, skipped):
                     try:
                         stat = entry.stat()
                         yield FileEntry(entry.path, stat.st_size, stat.st_mtime_ns)

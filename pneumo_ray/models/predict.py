@@ -214,16 +214,14 @@ class ImageDecoder:
 
         n, size = len(blobs), self.image_size
         images = torch.zeros((n, size, size), dtype=torch.uint8, device=self.device)
-        rows = [i for i in range(n) if not errors[i]]
-        ready = [i for i in rows if decoded is not None and decoded[i]]
-        if ready:
-            pixels = np.stack([np.frombuffer(blobs[i], dtype=np.uint8) for i in ready])
-            images[ready] = torch.from_numpy(pixels.reshape(-1, size, size)).to(self.device)
-        rows = [i for i in rows if decoded is None or not decoded[i]]
-        if decoded is None:
-            on_gpu = {i for i in rows if self.gpu and gpu_decodable(blobs[i])}
-        else:
-            on_gpu = set(rows) if self.gpu else set()
+        ready = list(decoded) if decoded is not None else [False] * n
+        usable = [i for i in range(n) if not errors[i]]
+        if pixel_rows := [i for i in usable if ready[i]]:
+            pixels = np.stack([np.frombuffer(blobs[i], dtype=np.uint8) for i in pixel_rows])
+            images[pixel_rows] = torch.from_numpy(pixels.reshape(-1, size, size)).to(self.device)
+        rows = [i for i in usable if not ready[i]]
+        # the decode task checked each header where it passed ``decoded``
+        on_gpu = {i for i in rows if self.gpu and (decoded is not None or gpu_decodable(blobs[i]))}
         if on_gpu:
             try:
                 order = sorted(on_gpu)

@@ -23,7 +23,7 @@ from scipy.stats import rankdata
 
 from pneumo_ray.io import data, stores
 from pneumo_ray.io.images import to_model_input
-from pneumo_ray.io.labels import BINARY_LABELS, CLASS_LABELS, patient_id
+from pneumo_ray.io.labels import BINARY_LABELS, CLASS_LABELS, patients_by_uri
 from pneumo_ray.models.bundle import Bundle, load_bundle
 from pneumo_ray.models.calibration import expected_calibration_error
 from pneumo_ray.models.predict import ActorPlan, plan_actors, run_models
@@ -171,10 +171,11 @@ def bootstrap_intervals(
 def evaluate_predictions(
     bundle: Bundle,
     p: dict[str, np.ndarray],
+    patients: Mapping[str, str],
     replicates: int = BOOTSTRAP_REPLICATES,
-    patients: Mapping[str, str] | None = None,
 ) -> Evaluation:
-    """Full metrics of each model, headline figures, and their bootstrap intervals."""
+    """Full metrics of each model, headline figures, and their bootstrap intervals over the
+    ``patients`` (image URI -> patient id) of the images."""
     truth_binary = np.where(p["label"] == "normal", *BINARY_LABELS)
     anomaly_pred = np.where(p["is_anomaly"], *BINARY_LABELS[::-1])
     probs = np.stack([p["p_normal"], p["p_bacterial"], p["p_viral"]], axis=1)
@@ -204,12 +205,7 @@ def evaluate_predictions(
     metrics["autoencoder"]["score"] = bundle.anomaly_score_kind
     metrics["autoencoder_mse"]["score"] = "mse"
     point = headline_figures(p)
-    groups = np.array(
-        [
-            patients[uri] if patients else patient_id(uri.rsplit("/", 1)[-1])
-            for uri in p["image_uri"]
-        ]
-    )
+    groups = np.array([patients[uri] for uri in p["image_uri"]])
     intervals = bootstrap_intervals(p, groups, replicates) if replicates else {}
     for model, figures in point.items():
         metrics[model]["headline"] = figures
@@ -228,14 +224,14 @@ def evaluate_predictions(
 def evaluate_bundle(
     bundle: Bundle,
     dataset: ray.data.Dataset,
+    patients: Mapping[str, str],
     replicates: int = BOOTSTRAP_REPLICATES,
     plan: ActorPlan | None = None,
-    patients: Mapping[str, str] | None = None,
 ) -> Evaluation:
     """Score a decoded, labelled dataset with all four models and compute their metrics;
-    ``patients`` (image URI -> patient id) groups the bootstrap, else the Kermany names do."""
+    ``patients`` (image URI -> patient id) groups the bootstrap."""
     return evaluate_predictions(
-        bundle, predict_dataset(bundle, dataset, plan), replicates, patients
+        bundle, predict_dataset(bundle, dataset, plan), patients, replicates
     )
 
 
@@ -387,8 +383,7 @@ def evaluate_store(
         f"at {bundle.image_size}x{bundle.image_size}"
     )
     decoded = decode_images(images, bundle.image_size)
-    patients = {image.uri: image.patient_id for image in images}
-    evaluation = evaluate_bundle(bundle, decoded.dataset, replicates, patients=patients)
+    evaluation = evaluate_bundle(bundle, decoded.dataset, patients_by_uri(images), replicates)
     output = output or stores.join(model, "evaluation", split)
     with tempfile.TemporaryDirectory() as directory:
         write_report(

@@ -25,6 +25,7 @@ from pneumo_ray.io.labels import (
     CLASS_LABELS,
     LabelledImage,
     limit_per_class,
+    patients_by_uri,
     split_by_patient,
 )
 from pneumo_ray.models import calibration
@@ -648,8 +649,8 @@ def evaluate_and_write(
     """Evaluate the bundle on the test split (model actors on the cluster), then write it
     with its report; returns the card as written."""
     log("evaluating on the test split")
-    patients = {image.uri: image.patient_id for image in splits.test_images}
-    evaluation = evaluate_bundle(bundle, splits.test.dataset, plan=plan, patients=patients)
+    patients = patients_by_uri(splits.test_images)
+    evaluation = evaluate_bundle(bundle, splits.test.dataset, patients, plan=plan)
     card = bundle.card
     card["metrics"] = {"test": evaluation.metrics, "bootstrap": evaluation.bootstrap}
     with tempfile.TemporaryDirectory() as report_dir:
