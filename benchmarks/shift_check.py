@@ -26,18 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
 from pneumo_ray.cli import user_errors  # noqa: E402
-from pneumo_ray.io.data import list_store, load_image  # noqa: E402
-from pneumo_ray.io.labels import limit_per_class, split_by_patient  # noqa: E402
-
-
-def validation_images(card: dict):
-    """The bundle's validation images, split again from the card's settings."""
-    config = card["training"]["config"]
-    images = list_store(config["data"])
-    pool = limit_per_class(
-        [i for i in images if i.split in ("train", "val")], config["limit"], config["seed"]
-    )
-    return split_by_patient(pool, config["val_fraction"], config["seed"])[1]
+from pneumo_ray.io.data import load_image  # noqa: E402
+from pneumo_ray.training.evaluation import validation_images  # noqa: E402
 
 
 def shifted(pixels: np.ndarray, seed: int) -> np.ndarray:

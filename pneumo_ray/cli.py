@@ -230,6 +230,21 @@ def _robustness_flags(group) -> None:
         "JPEG recompression, resampling",
     )
     group.add_argument(
+        "--framing-augmentation",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="augment CNN training images of every class with wide framing (zoom 0.75-1.4), "
+        "border bands and burned-in markers and text (framing and annotations cannot stand in "
+        "for the lungs)",
+    )
+    group.add_argument(
+        "--counterfactual-images",
+        type=int,
+        default=60,
+        help="validation images per class in the report's counterfactual robustness check "
+        "(0: none; default 60)",
+    )
+    group.add_argument(
         "--tta",
         default="none",
         choices=TTA_MODES,

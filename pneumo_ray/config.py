@@ -185,6 +185,13 @@ class RobustnessSettings:
     acquisition_shift: bool = False
     """Augment the CNNs' training images with what differs between sites: blur and
     sharpening, gamma, noise, JPEG recompression, resampling (--acquisition-shift)."""
+    framing_augmentation: bool = False
+    """Augment the CNNs' training images of every class with wide framing (zoom 0.75-1.4,
+    aspect), border bands and burned-in markers and text, so that neither framing nor
+    annotations can stand in for the lungs (issue 31) (--framing-augmentation)."""
+    counterfactual_images: int = 60
+    """Validation images per class in the training report's counterfactual robustness check
+    (0: no check) (--counterfactual-images)."""
     tta: str = "none"
     """Test-time augmentation of the CNNs: none or flip (mean logits of the image and its
     mirror image), in every pass after training and in scoring (--tta)."""
@@ -202,6 +209,10 @@ class RobustnessSettings:
         _check_choice("--normalization", self.normalization, NORMALIZATIONS)
         _check_choice("--tta", self.tta, TTA_MODES)
         _check_choice("--binary-score", self.binary_score, BINARY_SCORES)
+        if self.counterfactual_images < 0:
+            raise ConfigError(
+                f"--counterfactual-images must be 0 or more, got {self.counterfactual_images}"
+            )
         if self.pretrained is not None:
             if self.architecture == "seed":
                 raise ConfigError(
@@ -431,6 +442,7 @@ class TrainConfig:
         extra = {
             "spec": self.network_spec(network) if network != "autoencoder" else None,
             "acquisition_shift": self.robustness.acquisition_shift and network != "autoencoder",
+            "framing": self.robustness.framing_augmentation and network != "autoencoder",
             "masking": self.robustness.autoencoder_masking if network == "autoencoder" else 0.0,
             "backbone_lr_scale": self.robustness.backbone_lr_scale
             if network != "autoencoder"
@@ -441,6 +453,7 @@ class TrainConfig:
             "lr_factor": 1.0,
             "spec": {"architecture": "seed", "normalization": "none", "pretrained": None},
             "acquisition_shift": False,
+            "framing": False,
             "masking": 0.0,
             "backbone_lr_scale": 1.0,
         }

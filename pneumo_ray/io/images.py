@@ -314,6 +314,18 @@ class BatchAugment:
     folded into the grid, the jitter as batched arithmetic. The training workers run it on the
     GPU there, and on CPU tensors here.
 
+    ``framing`` (issue 31: the networks had learnt how tightly a film is framed and what is
+    written on it) widens the framing and breaks its link with the label, on images of every
+    class alike:
+
+    - zoom 0.75-1.4 (log-uniform: from a black margin, a looser film, to a crop of the lungs
+      well inside the ribs) and aspect 0.85-1.18 (sites' and exports' squashed films);
+    - p 0.3, a border or collimation band on each side with p 0.5, 1-12% of the side wide,
+      black or white;
+    - p 0.6, one to three stamps (``io.edits.STAMP_TEXTS``: laterality and projection
+      markers, exposure, times, dates, ids) 3-9% of the side tall, in a corner or at an edge's
+      middle, white or (p 0.2) black, plain or bold.
+
     Each image draws its own parameters from torch's global generator (on the CPU, so a seed
     gives the same draws on any device), which the training loop seeds per rank and epoch.
     ``acquisition_shift`` then applies ``AcquisitionShift`` to each image.
@@ -321,9 +333,13 @@ class BatchAugment:
 
     degrees, translate, scale, shear = 10.0, 0.1, (0.9, 1.1), 8.0
     flip, brightness, contrast = 0.5, 0.2, 0.2
+    framing_scale, aspect = (0.75, 1.4), (0.85, 1.18)
+    band_p, band_side_p, band_width = 0.3, 0.5, (0.01, 0.12)
+    stamp_p, max_stamps, stamp_height, stamp_black = 0.6, 3, (0.03, 0.09), 0.2
 
-    def __init__(self, acquisition_shift: bool = False) -> None:
+    def __init__(self, acquisition_shift: bool = False, framing: bool = False) -> None:
         self.shift = AcquisitionShift() if acquisition_shift else None
+        self.framing = framing
 
     def draw(self, n: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Per-image parameters for ``n`` images of ``size`` (H, W), on the CPU."""
@@ -332,9 +348,12 @@ class BatchAugment:
         def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
             return low + (high - low) * torch.rand(n, *shape)
 
+        def log_uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+            return torch.exp(uniform(math.log(low), math.log(high), *shape))
+
         height, width = size
         limit = torch.tensor([self.translate * width, self.translate * height])
-        return {
+        params = {
             "angle": uniform(-self.degrees, self.degrees),
             "translate": torch.round((2 * torch.rand(n, 2) - 1) * limit),  # whole pixels
             "scale": uniform(*self.scale),
@@ -343,6 +362,30 @@ class BatchAugment:
             "brightness": uniform(1 - self.brightness, 1 + self.brightness),
             "contrast": uniform(1 - self.contrast, 1 + self.contrast),
         }
+        if not self.framing:
+            return params
+        from pneumo_ray.io.edits import STAMP_TEXTS
+
+        banded = torch.rand(n, 1) < self.band_p
+        stamped = torch.rand(n) < self.stamp_p
+        count = torch.randint(1, self.max_stamps + 1, (n,))
+        params.update(
+            scale=log_uniform(*self.framing_scale),
+            aspect=log_uniform(*self.aspect),
+            band_width=torch.where(
+                banded & (torch.rand(n, 4) < self.band_side_p), uniform(*self.band_width, 4), 0.0
+            ),  # (n, 4): top, bottom, left, right; 0 for none
+            band_value=(torch.rand(n) < 0.5).float(),
+            stamp_count=torch.where(stamped, count, 0),
+            stamp_text=torch.randint(0, len(STAMP_TEXTS), (n, self.max_stamps)),
+            stamp_height=uniform(*self.stamp_height, self.max_stamps),
+            stamp_where=torch.randint(0, 8, (n, self.max_stamps)),  # CORNERS + EDGES
+            stamp_margin=uniform(0.01, 0.06, self.max_stamps),
+            stamp_jitter=uniform(-1.0, 1.0, self.max_stamps, 2),
+            stamp_value=(torch.rand(n, self.max_stamps) >= self.stamp_black).float(),
+            stamp_bold=torch.rand(n, self.max_stamps) < 0.5,
+        )
+        return params
 
     @staticmethod
     def apply(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -354,6 +397,9 @@ class BatchAugment:
         matrix = inverse_affine(
             params["angle"], params["translate"].float(), params["scale"], params["shear"]
         )
+        if "aspect" in params:  # the output stretched by sqrt(aspect) in x, squeezed in y
+            root = params["aspect"].sqrt()
+            matrix = matrix * torch.stack([1 / root, root], dim=1)[:, :, None]
         # pixels from the centre -> affine_grid's [-1, 1] (align_corners=False)
         half = torch.tensor([width / 2, height / 2])
         theta = matrix.clone()
@@ -368,7 +414,11 @@ class BatchAugment:
         contrast = params["contrast"].to(x.device, x.dtype)[:, None, None, None]
         x = (x * brightness).clamp_(0.0, 1.0)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        return ((x - mean) * contrast + mean).clamp_(0.0, 1.0)
+        x = ((x - mean) * contrast + mean).clamp_(0.0, 1.0)
+        if "band_width" in params:
+            x = paint_bands(x, params["band_width"], params["band_value"])
+            x = paste_stamps(x, params)
+        return x
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import torch
@@ -377,6 +427,60 @@ class BatchAugment:
         if self.shift is not None:
             x = torch.stack([self.shift(image) for image in x])
         return x
+
+
+def paint_bands(x: torch.Tensor, widths: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Bands of ``widths`` (B, 4: top, bottom, left, right; shares of the side, 0 for none) in
+    grey ``values`` (B,) on a batch ``(B, 1, H, W)``, as one batched mask."""
+    import torch
+
+    n, _, height, width = x.shape
+    rows = torch.arange(height, device=x.device, dtype=x.dtype)[None, :, None] + 0.5  # (1, H, 1)
+    cols = torch.arange(width, device=x.device, dtype=x.dtype)[None, None, :] + 0.5  # (1, 1, W)
+    w = widths.to(x.device, x.dtype)[:, :, None, None]  # (B, 4, 1, 1)
+    inside = (
+        (rows < w[:, 0] * height)
+        | (rows > height - w[:, 1] * height)
+        | (cols < w[:, 2] * width)
+        | (cols > width - w[:, 3] * width)
+    )  # (B, H, W)
+    value = values.to(x.device, x.dtype)[:, None, None, None]
+    return torch.where(inside[:, None], value, x)
+
+
+def paste_stamps(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Burn each image's stamps (``BatchAugment.draw``'s stamp_* parameters) into ``x``."""
+    import torch
+
+    from pneumo_ray.io.edits import CORNERS, EDGES, STAMP_TEXTS, sized_stamp, stamp_position
+
+    places = CORNERS + EDGES
+    side = x.shape[-1]
+    x = x.clone()
+    for i in range(len(x)):
+        for k in range(int(params["stamp_count"][i])):
+            text = STAMP_TEXTS[int(params["stamp_text"][i, k])]
+            mask = sized_stamp(
+                text,
+                max(4, round(float(params["stamp_height"][i, k]) * side)),
+                bool(params["stamp_bold"][i, k]),
+            )
+            if mask.shape[1] > side - 2:
+                continue  # a long text does not fit a tiny image
+            margin = max(1, round(float(params["stamp_margin"][i, k]) * side))
+            where = places[int(params["stamp_where"][i, k])]
+            if where in ("left", "right") and mask.shape[1] > 0.2 * side:
+                where = "top" if where == "left" else "bottom"  # long text runs along an edge
+            row, col = stamp_position(
+                side, mask.shape, where, margin, tuple(params["stamp_jitter"][i, k].tolist())
+            )
+            m = torch.from_numpy(mask).to(x.device, x.dtype)
+            patch = x[i, 0, row : row + mask.shape[0], col : col + mask.shape[1]]
+            value = float(params["stamp_value"][i, k])
+            x[i, 0, row : row + mask.shape[0], col : col + mask.shape[1]] = (
+                patch * (1 - m) + value * m
+            )
+    return x
 
 
 IMAGE_STATS = ("image_mean", "image_contrast", "image_sharpness")

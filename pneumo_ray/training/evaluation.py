@@ -355,6 +355,20 @@ def split_images(store: str, split: str) -> list:
     return images
 
 
+def validation_images(card: dict) -> list:
+    """A bundle's validation images, split again from its card's settings (store, limit,
+    validation fraction, seed): the images its thresholds and checks were chosen on."""
+    from pneumo_ray.io.labels import limit_per_class, split_by_patient
+
+    config = card["training"]["config"]
+    pool = limit_per_class(
+        [i for i in data.list_store(config["data"]) if i.split in ("train", "val")],
+        config["limit"],
+        config["seed"],
+    )
+    return split_by_patient(pool, config["val_fraction"], config["seed"])[1]
+
+
 def decode_images(images: list, image_size: int) -> data.DecodedSplit:
     """Decode labelled images with Ray Data for a bundle, saying which could not be read."""
     decoded = data.decode_split(images, image_size, seed=0)

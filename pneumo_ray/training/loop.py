@@ -318,7 +318,9 @@ def start_worker_run(loop: dict, restored: dict | None = None, source: str = "")
         schedule=schedule,
         scaler=scaler,
         weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-        augment=BatchAugment(loop["acquisition_shift"]) if loop["augment"] else None,
+        augment=BatchAugment(loop["acquisition_shift"], loop.get("framing", False))
+        if loop["augment"]
+        else None,
         device=device,
         dtype=dtype,
         rank=rank,
@@ -670,6 +672,7 @@ def fit_networks(
                 "augment": network != "autoencoder",
                 "spec": config.network_spec(network),
                 "acquisition_shift": config.robustness.acquisition_shift,
+                "framing": config.robustness.framing_augmentation,
                 "masking": config.robustness.autoencoder_masking
                 if network == "autoencoder"
                 else 0.0,

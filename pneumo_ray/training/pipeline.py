@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from pneumo_ray.config import (
     patchcore_available,
 )
 from pneumo_ray.io import data
+from pneumo_ray.io.edits import CHECK_EDITS
 from pneumo_ray.io.images import PREPROCESSING
 from pneumo_ray.io.labels import (
     BINARY_LABELS,
@@ -38,11 +40,12 @@ from pneumo_ray.models.bundle import (
     Bundle,
     write_bundle,
 )
+from pneumo_ray.models.counterfactual import format_check, robustness_check, select_validation
 from pneumo_ray.models.efficientnet_lite import packaged_weights
 from pneumo_ray.models.knn import KNN_K_CANDIDATES, KnnReference, select_features
 from pneumo_ray.models.patchcore import REDUCTIONS as PATCH_REDUCTIONS
 from pneumo_ray.models.patchcore import PatchFeatures, PatchMemory, reduce_patches
-from pneumo_ray.models.predict import ActorPlan, Networks, plan_actors, run_models
+from pneumo_ray.models.predict import ActorPlan, Networks, collect, plan_actors, run_models
 from pneumo_ray.monitoring.drift import DRIFT_RULE, IMAGE_STATS, STATISTICS, reference_table
 from pneumo_ray.runtime import check_shared_storage
 from pneumo_ray.training import report
@@ -479,6 +482,7 @@ def build_card(
         )
         + f"; input normalization {config.robustness.normalization} (inside the network)"
         + ("; acquisition-shift augmentation" if config.robustness.acquisition_shift else "")
+        + ("; framing augmentation" if config.robustness.framing_augmentation else "")
     )
     binary_output = (
         "p_pneumonia = mean of the binary network's p_pneumonia and the three-class network's "
@@ -639,21 +643,67 @@ def drift_reference(bundle: Bundle, val_out: dict, splits: Splits):
     )
 
 
+def _robustness_task(
+    bundle: Bundle, images: np.ndarray, labels: np.ndarray, seed: int, threads: int
+):
+    import torch
+
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return robustness_check(bundle.to(device), images, labels, seed)
+
+
+def check_robustness(
+    config: TrainConfig, bundle: Bundle, splits: Splits, plan: ActorPlan
+) -> dict | None:
+    """The counterfactual robustness check (``models.counterfactual``) on up to
+    ``--counterfactual-images`` validation images per class, in one Ray task (on a GPU when
+    the plan uses GPUs); None with ``--counterfactual-images 0``."""
+    per_class = config.robustness.counterfactual_images
+    if per_class == 0:
+        return None
+    columns = collect(splits.val.dataset.select_columns(["image", "label_index"]))
+    keep = select_validation(columns["label_index"], per_class, config.seed)
+    images, labels = columns["image"][keep], columns["label_index"][keep]
+    log(
+        f"counterfactual robustness check: {len(keep)} validation images x "
+        f"{len(CHECK_EDITS)} label-preserving edits, and Grad-CAM"
+    )
+    task = ray.remote(_robustness_task).options(
+        num_cpus=1 if plan.use_gpu else plan.threads, num_gpus=1 if plan.use_gpu else 0
+    )
+    check = ray.get(task.remote(bundle, images, labels, config.seed, plan.threads))
+    print("\n" + format_check(check) + "\n", flush=True)
+    return check
+
+
 def evaluate_and_write(
     config: TrainConfig,
     bundle: Bundle,
     splits: Splits,
     trained: dict[str, TrainedNetwork],
     plan: ActorPlan,
+    robustness: dict | None = None,
 ) -> dict:
     """Evaluate the bundle on the test split (model actors on the cluster), then write it
-    with its report; returns the card as written."""
+    with its report (and ``robustness``, the counterfactual check on validation, there and
+    its summary in the card); returns the card as written."""
     log("evaluating on the test split")
     patients = patients_by_uri(splits.test_images)
     evaluation = evaluate_bundle(bundle, splits.test.dataset, patients, plan=plan)
     card = bundle.card
     card["metrics"] = {"test": evaluation.metrics, "bootstrap": evaluation.bootstrap}
+    if robustness is not None:
+        card["robustness_check"] = {
+            "split": "validation",
+            "edits": [edit.name for edit in CHECK_EDITS],
+            **robustness["summary"],
+        }
     with tempfile.TemporaryDirectory() as report_dir:
+        if robustness is not None:
+            report.write_json(robustness, os.path.join(report_dir, "counterfactual.json"))
+            with open(os.path.join(report_dir, "counterfactual.txt"), "w") as f:
+                f.write(format_check(robustness) + "\n")
         write_report(
             evaluation,
             bundle,
@@ -718,7 +768,8 @@ def _train(config: TrainConfig, tracker: NullTracker) -> dict:
         **models,
     )
     bundle.drift_reference = drift_reference(bundle, references.validation_outputs, splits)
-    card = evaluate_and_write(config, bundle, splits, trained, plan)
+    robustness = check_robustness(config, bundle, splits, plan)
+    card = evaluate_and_write(config, bundle, splits, trained, plan, robustness)
     log(f"bundle {card['model_version']} written to {config.output}")
     log(f"report: {config.output.rstrip('/')}/report/ (metrics.json and PNG plots)")
     log(f"done in {time.perf_counter() - started:.0f}s")

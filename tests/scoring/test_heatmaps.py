@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pneumo_ray.models.gradcam import grad_cam
 from pneumo_ray.models.networks import build_network
 from pneumo_ray.scoring.heatmaps import (
     PANEL,
     TITLE,
     explain,
-    grad_cam,
     heatmap_name,
     jet,
     overlay_png,
