@@ -15,6 +15,19 @@ The networks run once, in this process; adapting and predicting then work on the
 (``Bundle.finish``), as the bundle does. This uses the split's labels to set the operating
 point, as a site would with its own labelled images; it is not a figure of the bundle as
 trained, and says so in its output.
+
+With ``--curve`` it draws the learning curve of issue 32 instead: for each of ``--draws``
+patient splits (seeds 0, 1, ...) into two halves, each half's images are predicted by the
+bundle adapted on the other half: first from its *unlabelled* images (``pneumo-adapt
+--unlabelled``: BatchNorm statistics when the images drift, the class balance by EM), then
+with the labels of N of its images (``--labels``, 0 for none, ``all`` for the whole half),
+chosen by each ``--rules`` (``spread``: the labelling list's rule; ``random``). The pooled
+predictions of the two halves give each draw's figures; the table shows their median and
+range over the draws. ``--validation`` uses the bundle's own validation images (the training
+site) as the site: what adapting costs where nothing needed adapting.
+
+    python benchmarks/site_adaptation.py --model BUNDLE --data STORE --curve \
+        [--labels 0,20,50,100,200,all] [--draws 5] [--rules spread,random] [--validation]
 """
 
 from __future__ import annotations
@@ -68,6 +81,171 @@ def take(columns: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarr
     return {key: value[rows] for key, value in columns.items()}
 
 
+# --- the learning curve (--curve) -----------------------------------------------------------
+
+CURVE_FIGURES = (
+    ("binary", "sensitivity"),
+    ("binary", "specificity"),
+    ("binary", "ece"),
+    ("binary", "roc_auc"),
+    ("multiclass", "accuracy"),
+    ("knn", "accuracy"),
+    ("autoencoder", "roc_auc"),
+)
+
+
+def copied(bundle):
+    """A copy of a bundle whose card and CNNs can change without touching ``bundle``."""
+    twin = copy.copy(bundle)
+    twin.card = copy.deepcopy(bundle.card)
+    twin.binary, twin.multiclass = copy.deepcopy(bundle.binary), copy.deepcopy(bundle.multiclass)
+    return twin
+
+
+def adapted_unlabelled(base, pixels, uris, sizes, fit_rows):
+    """``base`` adapted on the unlabelled images ``fit_rows`` (in-process), and its networks'
+    outputs on every image."""
+    from pneumo_ray.training.adaptation import with_patch_distances
+    from pneumo_ray.training.unlabelled import adapt_unlabelled
+
+    def outputs(bundle, rows):
+        raw = network_outputs_of(bundle, pixels[rows])
+        raw["image_uri"] = uris[rows]
+        return raw
+
+    bundle = copied(base)
+    record = adapt_unlabelled(
+        bundle, pixels[fit_rows], [str(u) for u in uris[fit_rows]], [sizes[i] for i in fit_rows],
+        lambda b: with_patch_distances(b, outputs(b, fit_rows)), {"inputs": ["benchmark"]},
+    )  # fmt: skip
+    return bundle, outputs(bundle, np.arange(len(uris))), record
+
+
+def labelled_on(bundle, raw, images, rows, rules):
+    """A copy of ``bundle`` adapted (pneumo-adapt --data) on the labelled images ``rows``."""
+    from pneumo_ray.training.adaptation import adapt
+
+    twin = copy.copy(bundle)
+    twin.card = copy.deepcopy(bundle.card)
+    adapt(twin, take(raw, rows), [images[i] for i in rows], rules, {"store": "benchmark"})
+    return twin
+
+
+def choose_labelled(bundle, raw, fit_rows, n, rule, seed):
+    """``n`` of the half's images to label, by ``rule`` (the labelling list's)."""
+    from pneumo_ray.training.adaptation import with_patch_distances
+    from pneumo_ray.models.labelling import select_for_labelling
+
+    if n is None or n >= len(fit_rows):
+        return fit_rows
+    p = bundle.finish(with_patch_distances(bundle, take(raw, fit_rows)))["p_pneumonia"]
+    chosen, _ = select_for_labelling(p, bundle.binary_threshold, n, rule, seed)
+    return fit_rows[chosen]
+
+
+def curve(base, images, pixels, labels_to_try, draws, rule_names) -> dict:
+    """Per draw, label count and rule: the figures of the two halves' pooled predictions."""
+    from pneumo_ray.errors import SiteError
+    from pneumo_ray.training.adaptation import SiteRules, with_patch_distances
+    from pneumo_ray.training.evaluation import headline_figures
+
+    uris = np.array([image.uri for image in images])
+    sizes = [image.size for image in images]
+    labels = np.array([image.label for image in images])
+    label_index = np.array([CLASS_LABELS.index(label) for label in labels])
+    rules = SiteRules.from_card(base.card)
+    results: dict[tuple, list[dict]] = {}
+    for draw in range(draws):
+        fold = np.array(patient_folds(images, 2, draw))
+        pooled: dict[tuple, dict[str, list]] = {}
+        for half in (0, 1):
+            fit_rows, predict_rows = np.flatnonzero(fold != half), np.flatnonzero(fold == half)
+            bundle, raw, record = adapted_unlabelled(base, pixels, uris, sizes, fit_rows)
+            raw["label_index"] = label_index
+            print(f"  draw {draw} half {half}: BatchNorm "
+                  f"{'re-estimated' if record['batchnorm']['adapted'] else 'kept'}, pneumonia "
+                  f"share {record['class_prior']['binary']['site']:.3f} (applied: "
+                  f"{record['class_prior']['binary']['applied']})", flush=True)  # fmt: skip
+            for n in labels_to_try:
+                for rule in rule_names if n not in (0, None) else ["-"]:
+                    if n == 0:
+                        predictor = bundle
+                    else:
+                        rows = choose_labelled(bundle, raw, fit_rows, n, rule, draw)
+                        try:
+                            predictor = labelled_on(bundle, raw, images, rows, rules)
+                        except SiteError:  # one class among the chosen images
+                            predictor = None
+                    key = (n, rule)
+                    if predictor is None:
+                        pooled[key] = None
+                        continue
+                    if key in pooled and pooled[key] is None:
+                        continue
+                    out = predictor.finish(with_patch_distances(predictor, take(raw, predict_rows)))
+                    out["label"] = labels[predict_rows]
+                    for column, value in out.items():
+                        pooled.setdefault(key, {}).setdefault(column, []).append(value)
+        for key, columns in pooled.items():
+            if columns is None:
+                continue
+            p = {column: np.concatenate(parts) for column, parts in columns.items()}
+            results.setdefault(key, []).append(headline_figures(p))
+    return results
+
+
+def print_curve(results: dict, as_trained: dict, draws: int) -> dict:
+    """The curve's table: median [min-max] over the draws; returns it as a dict."""
+    header = f"{'labels':>7} {'rule':<7}" + "".join(
+        f" {m[:5]}.{f[:11]:<11}" for m, f in CURVE_FIGURES
+    )
+    print("\n" + header)
+    table = {}
+    print(f"{'trained':>7} {'-':<7}" + "".join(
+        f" {as_trained[m][f]:>17.3f}" for m, f in CURVE_FIGURES))  # fmt: skip
+    order = sorted(
+        results.items(), key=lambda kv: (10**9 if kv[0][0] is None else kv[0][0], kv[0][1])
+    )
+    for (n, rule), runs in order:
+        cells, row = [], {}
+        for model, figure in CURVE_FIGURES:
+            values = np.array([run[model][figure] for run in runs], dtype=np.float64)
+            row[f"{model}.{figure}"] = {
+                "median": float(np.nanmedian(values)),
+                "min": float(np.nanmin(values)),
+                "max": float(np.nanmax(values)),
+                "values": values.tolist(),
+            }
+            cells.append(
+                f"{np.nanmedian(values):.3f} [{np.nanmin(values):.3f}-{np.nanmax(values):.3f}]"
+            )
+        label = "all" if n is None else str(n)
+        print(f"{label:>7} {rule:<7} " + " ".join(f"{c:>17}" for c in cells)
+              + (f"  ({len(runs)} of {draws} draws)" if len(runs) < draws else ""))  # fmt: skip
+        table[f"{label}/{rule}"] = row
+    return table
+
+
+def curve_main(args, base, images, pixels) -> dict:
+    from pneumo_ray.training.adaptation import with_patch_distances
+    from pneumo_ray.training.evaluation import headline_figures
+
+    labels_to_try = [None if v == "all" else int(v) for v in args.labels.split(",")]
+    rule_names = args.rules.split(",")
+    raw = network_outputs_of(base, pixels)
+    as_trained = base.finish(with_patch_distances(base, raw))
+    as_trained["label"] = np.array([image.label for image in images])
+    trained_figures = headline_figures(as_trained)
+    results = curve(base, images, pixels, labels_to_try, args.draws, rule_names)
+    print(
+        "\nLearning curve: each half of the site's patients predicted by the bundle adapted on "
+        "the other half (unlabelled images, then N labelled ones); median [min-max] over "
+        f"{args.draws} patient draws; 'trained': the bundle as trained, on the same images."
+    )
+    table = print_curve(results, trained_figures, args.draws)
+    return {"as_trained": trained_figures, "curve": table}
+
+
 def main(argv: list[str] | None = None) -> dict:
     from pneumo_ray.models.bundle import load_bundle
     from pneumo_ray.training.adaptation import SiteRules, adapt, with_patch_distances
@@ -75,19 +253,35 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="bundle folder or URI")
-    parser.add_argument("--data", required=True, help="labelled store (Kaggle layout)")
+    parser.add_argument("--data", help="labelled store (Kaggle layout); not with --validation")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--folds", type=int, default=2, help="patient folds (at least 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient folds")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--curve", action="store_true", help="the learning curve instead")
+    parser.add_argument("--labels", default="0,20,50,100,200,all", help="--curve: label counts")
+    parser.add_argument("--draws", type=int, default=5, help="--curve: patient draws")
+    parser.add_argument("--rules", default="spread,random", help="--curve: labelling rules")
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="the bundle's own validation images as the site (the training site)",
+    )
     args = parser.parse_args(argv)
+    if (args.data is None) == (not args.validation):
+        parser.error("give --data STORE, or --validation for the bundle's own validation images")
     if args.folds < 2:
         parser.error(f"--folds must be at least 2, got {args.folds}")
 
     started = time.perf_counter()
     base = load_bundle(args.model)
-    images = [image for image in list_store(args.data) if image.split == args.split]
+    if args.validation:
+        from pneumo_ray.training.evaluation import validation_images
+
+        images = validation_images(base.card)
+    else:
+        images = [image for image in list_store(args.data) if image.split == args.split]
     if not images:
         parser.error(f"{args.data}: no images in the {args.split!r} split")
     print(
@@ -97,6 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
     pixels = np.stack([load_image(image.uri, base.image_size) for image in images])
+    if args.curve:
+        summary = curve_main(args, base, images, pixels)
+        print(f"\n{time.perf_counter() - started:.0f}s in all", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1, default=float))
+        return summary
     raw = network_outputs_of(base, pixels)
     raw["image_uri"] = np.array([image.uri for image in images])
     raw["label_index"] = np.array([CLASS_LABELS.index(image.label) for image in images])

@@ -599,12 +599,20 @@ def adapt_parser(prog: str | None = None) -> Parser:
         "the adapted bundle to --output. No network is retrained.",
     )
     parser.add_argument("--model", required=True, help="model bundle (folder or s3:// URI)")
-    parser.add_argument(
+    site = parser.add_mutually_exclusive_group(required=True)
+    site.add_argument(
         "--data",
-        required=True,
         help="the site's labelled images: a Kaggle-layout folder or s3:// prefix, or a labels "
         "manifest (.csv/.parquet: image_uri, label, optional patient_id and split; no split: "
         "test rows)",
+    )
+    site.add_argument(
+        "--unlabelled",
+        nargs="+",
+        metavar="INPUT",
+        help="the site's unlabelled images instead (folders, s3:// prefixes or manifests, as "
+        "pneumo-score takes them): re-estimate both CNNs' BatchNorm statistics when the images "
+        "differ from validation, and the class balance by EM when it moved",
     )
     parser.add_argument(
         "--split",
@@ -653,6 +661,32 @@ def adapt_parser(prog: str | None = None) -> Parser:
         help="add the site's normal images to the anomaly score's normal reference "
         "(PatchCore's memory bank, the latent score's codes; default), or keep it",
     )
+    unlabelled = parser.add_argument_group("with --unlabelled")
+    unlabelled.add_argument(
+        "--max-images",
+        type=int,
+        default=2000,
+        help="adapt on a seeded draw of at most this many of the site's images (default 2000)",
+    )
+    unlabelled.add_argument("--seed", type=int, default=0, help="the draw's seed (default 0)")
+    unlabelled.add_argument(
+        "--labelling-list",
+        default=None,
+        help="also write the images whose labels would help the site's operating point most, "
+        "as a labels manifest (.csv) to fill in and give back with --data",
+    )
+    unlabelled.add_argument(
+        "--labelling-images",
+        type=int,
+        default=50,
+        help="images on the labelling list (default 50)",
+    )
+    unlabelled.add_argument(
+        "--labelling-rule",
+        choices=("spread", "random"),
+        default="spread",
+        help="spread (default): half nearest the threshold, half over the score range; random",
+    )
     _add_ray_flags(parser)
     return parser
 
@@ -670,6 +704,20 @@ def adapt_main(argv: Sequence[str] | None = None, prog: str | None = None) -> No
             "normals": args.normals,
         }
         SiteRules(**{k: v for k, v in overrides.items() if v is not None}).check()
+        if args.unlabelled is not None:
+            if args.max_images < 1 or args.labelling_images < 1:
+                raise ConfigError(
+                    "--max-images and --labelling-images must be at least 1; got "
+                    f"{args.max_images} and {args.labelling_images}"
+                )
+            from pneumo_ray.training.unlabelled import adapt_unlabelled_store
+
+            connect(args, "adapt")
+            adapt_unlabelled_store(
+                args.model, args.unlabelled, args.output, args.max_images, args.seed,
+                args.labelling_list, args.labelling_images, args.labelling_rule,
+            )  # fmt: skip
+            return
         connect(args, "adapt")
         adapt_store(args.model, args.data, args.split, args.output, overrides)
 

@@ -293,6 +293,16 @@ def decode_split(images: Sequence[LabelledImage], image_size: int, seed: int) ->
     rows = [
         {"image_uri": image.uri, "label_index": CLASS_LABELS.index(image.label)} for image in images
     ]
+    return decode_rows(rows, image_size, seed)
+
+
+def decode_uris(uris: Sequence[str], image_size: int, seed: int) -> DecodedSplit:
+    """``decode_split`` of unlabelled images (label_index -1)."""
+    return decode_rows([{"image_uri": uri, "label_index": -1} for uri in uris], image_size, seed)
+
+
+def decode_rows(rows: list[dict], image_size: int, seed: int) -> DecodedSplit:
+    """``decode_split``'s work on rows of image_uri and label_index."""
     random.Random(seed).shuffle(rows)
     decoded = (
         ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // DECODE_BATCH_SIZE))

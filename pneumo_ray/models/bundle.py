@@ -185,7 +185,7 @@ class Bundle:
     def calibrated(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``p_pneumonia_cnn`` (the binary network), ``probs`` (three-class) with the card's
         temperatures, and ``p_pneumonia``: the card's binary score of the two; then a site's
-        score maps, where the bundle was adapted to one (pneumo-adapt)."""
+        score maps and class balance, where the bundle was adapted to one (pneumo-adapt)."""
         from pneumo_ray.models.calibration import calibrated_outputs
 
         temperatures = {name: self.temperature(name) for name in ("binary", "multiclass")}
@@ -195,6 +195,7 @@ class Bundle:
             temperatures,
             self.binary_score,
             self.card.get("calibration", {}).get("score_maps"),
+            self.card.get("calibration", {}).get("class_prior"),
         )
 
     def anomaly_scores(self, raw: dict[str, np.ndarray]) -> np.ndarray:

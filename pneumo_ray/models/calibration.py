@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from pneumo_ray.io.labels import CLASS_LABELS
+
 ECE_BINS = 15
 LOG_T_RANGE = (-4.0, 4.0)  # T from about 0.02 to 55
 
@@ -62,6 +64,8 @@ def combined_score(p_binary: np.ndarray, p_normal: np.ndarray) -> np.ndarray:
     return (np.asarray(p_binary) + 1.0 - np.asarray(p_normal)) / 2.0
 
 
+NOISE_SE = 3.0  # a class share moves only when its estimate is this many standard errors off
+PRIOR_RANGE = (0.02, 0.98)  # an estimated class share is kept within this range
 SCORE_MAPPED = ("p_pneumonia", "p_pneumonia_cnn")  # the scores a site's map may apply to
 PROBABILITY_CLIP = 1e-7  # logit(p) of a saturated float stays finite
 
@@ -94,23 +98,95 @@ def apply_score_map(p: np.ndarray, score_map: dict[str, float]) -> np.ndarray:
     return sigmoid(score_map["a"] * logit(p) + score_map["b"])
 
 
+def prior_corrected(probs: np.ndarray, training: np.ndarray, site: np.ndarray) -> np.ndarray:
+    """Posteriors ``(N, K)`` under the ``training`` class prior -> under the ``site``'s
+    (Saerens, Latinne and Decaestecker 2002): each class's probability times site / training,
+    renormalized."""
+    weighted = np.asarray(probs, dtype=np.float64) * (np.asarray(site) / np.asarray(training))
+    return weighted / weighted.sum(axis=1, keepdims=True)
+
+
+def binary_prior_corrected(p: np.ndarray, training: float, site: float) -> np.ndarray:
+    """``prior_corrected`` of a positive-class probability with its complement."""
+    p = np.asarray(p, dtype=np.float64)
+    pairs = np.stack([1.0 - p, p], axis=1)
+    return prior_corrected(pairs, [1.0 - training, training], [1.0 - site, site])[:, 1]
+
+
+def em_class_prior(
+    posteriors: np.ndarray, training: np.ndarray, iterations: int = 1000, tol: float = 1e-9
+) -> np.ndarray:
+    """The class prior of the images whose posteriors ``(N, K)`` (under the ``training``
+    prior) are given, by EM (Saerens et al. 2002): posteriors re-weighted by the current
+    estimate over the training prior; the estimate is their mean; until it stops moving."""
+    posteriors = np.asarray(posteriors, dtype=np.float64)
+    training = np.asarray(training, dtype=np.float64)
+    prior = training.copy()
+    for _ in range(iterations):
+        updated = prior_corrected(posteriors, training, prior).mean(axis=0)
+        if np.max(np.abs(updated - prior)) < tol:
+            return updated
+        prior = updated
+    return prior
+
+
+def clamped(prior: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A class prior kept within PRIOR_RANGE (renormalized), and whether it had to be: an
+    estimate that says a site's images are nearly all one class (a store of one kind of film,
+    or of films the networks cannot read) must not make every call the same."""
+    prior = np.asarray(prior, dtype=np.float64)
+    low, high = PRIOR_RANGE
+    if prior.min() >= low and prior.max() <= high:
+        return prior, False
+    prior = np.clip(prior, low, high)
+    return prior / prior.sum(), True
+
+
+def beyond_noise(training: np.ndarray, site: np.ndarray, images: int) -> bool:
+    """Whether any class share of ``site`` is more than NOISE_SE standard errors of a share
+    of ``images`` images away from ``training``."""
+    training, site = np.asarray(training, np.float64), np.asarray(site, np.float64)
+    se = np.sqrt(training * (1 - training) / max(images, 1))
+    return bool(np.any(np.abs(site - training) > NOISE_SE * se))
+
+
+def training_class_prior(card: dict) -> dict:
+    """The class shares the bundle's calibrated probabilities answer for: the training store's
+    (validation is drawn from the same pool by patient, and the temperatures were fitted
+    there)."""
+    counts = card["training"]["class_counts"]
+    three = np.array([counts.get(label, 0) for label in CLASS_LABELS], dtype=np.float64)
+    three /= three.sum()
+    return {"binary": float(1 - three[0]), "multiclass": three.tolist()}  # binary: pneumonia
+
+
 def calibrated_outputs(
     binary_logit: np.ndarray,
     multiclass_logits: np.ndarray,
     temperatures: dict[str, float],
     binary_score: str,
     score_maps: dict[str, dict[str, float]] | None = None,
+    class_prior: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """The CNNs' raw logits -> ``p_pneumonia_cnn`` (the binary network, sigmoid(logit / T)),
     ``probs`` (three-class softmax(logits / T)) and ``p_pneumonia``: ``combined_score`` of
     the two for ``binary_score`` "combined", else ``p_pneumonia_cnn``. ``score_maps`` (a
-    site's, by score name) then map p_pneumonia and p_pneumonia_cnn."""
+    site's, by score name) then map p_pneumonia and p_pneumonia_cnn; ``class_prior`` (a site's
+    estimated class balance: {"binary"|"multiclass": {"training": ..., "site": ...}}) then
+    moves the probabilities from the training prior to the site's."""
     p_cnn = sigmoid(np.asarray(binary_logit) / temperatures["binary"])
     probs = softmax(np.asarray(multiclass_logits) / temperatures["multiclass"])
     p = combined_score(p_cnn, probs[:, 0]) if binary_score == "combined" else p_cnn
     out = {"p_pneumonia": p, "p_pneumonia_cnn": p_cnn, "probs": probs}
     for name, score_map in (score_maps or {}).items():
         out[name] = apply_score_map(out[name], score_map)
+    prior = (class_prior or {}).get("binary")
+    if prior is not None:
+        for name in SCORE_MAPPED:
+            out[name] = binary_prior_corrected(out[name], prior["training"], prior["site"])
+    prior = (class_prior or {}).get("multiclass")
+    if prior is not None:
+        out["probs"] = prior_corrected(out["probs"], prior["training"], prior["site"])
     return out
 
 

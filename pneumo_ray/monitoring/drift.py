@@ -32,6 +32,7 @@ DRIFT_RULE = {
     "quantiles",
 }
 TOP_FLAGGED = 12
+SAMPLE_ROWS = 20_000  # rows of a run kept for its class balance and labelling list
 PLOT_BINS = 30
 
 
@@ -160,6 +161,25 @@ class _Histogram:
             self.run_n += len(values)
 
 
+def drift_between(
+    reference: pa.Table, rows: pa.Table, names: tuple[str, ...], rule: dict | None = None
+) -> dict[str, dict]:
+    """The drift rule's verdict on each statistic ``names`` of ``rows`` against ``reference``
+    (both tables of REFERENCE_COLUMNS), as a scoring run's report would give it."""
+    rule = {**DRIFT_RULE, **(rule or {})}
+    verdicts = {}
+    for stat in STATISTICS:
+        if stat.name not in names:
+            continue
+        values = _values(reference, stat)
+        if not len(values):
+            continue
+        histogram = _Histogram(stat, values, rule["bins"])
+        histogram.add(_values(rows, stat))
+        verdicts[stat.name] = compare_counts(histogram.reference, histogram.run, rule)
+    return verdicts
+
+
 class RunProfile:
     """The distributions of one scoring run's committed rows, in fixed bins (memory does not
     grow with the store), and its most suspicious flagged images."""
@@ -178,6 +198,11 @@ class RunProfile:
         self.reference_flagged = _flag_counts(*_flags(reference)) if reference is not None else None
         self.top: list[tuple[float, int, dict]] = []  # min-heap on p_pneumonia
         self._order = 0
+        # A uniform sample of the run's (image_uri, p_pneumonia), bounded (reservoir sampling,
+        # seeded): the site's class balance and its labelling list are estimated from it.
+        self.sample_uris: list[str] = []
+        self.sample_p: list[float] = []
+        self._rng = np.random.default_rng(0)
 
     def add(self, rows: pa.Table) -> None:
         """Count the rows scored without error (a committed part)."""
@@ -192,6 +217,22 @@ class RunProfile:
         for key in self.flagged:
             self.flagged[key] += flags[key]
         self._keep_top(ok, binary | anomaly)
+        self._keep_sample(ok)
+
+    def _keep_sample(self, rows: pa.Table) -> None:
+        """Algorithm R over the rows in order: each row seen so far is in the sample with
+        probability SAMPLE_ROWS / rows seen."""
+        uris = rows.column("image_uri").to_pylist()
+        p = np.array([v or 0.0 for v in rows.column("p_pneumonia").to_pylist()], np.float64)
+        seen = self.images - len(uris)  # rows before these
+        for i, (uri, value) in enumerate(zip(uris, p, strict=True)):
+            if len(self.sample_uris) < SAMPLE_ROWS:
+                self.sample_uris.append(uri)
+                self.sample_p.append(float(value))
+                continue
+            slot = int(self._rng.integers(0, seen + i + 1))
+            if slot < SAMPLE_ROWS:
+                self.sample_uris[slot], self.sample_p[slot] = uri, float(value)
 
     def _keep_top(self, rows: pa.Table, flagged: np.ndarray) -> None:
         p = np.array([v or 0.0 for v in rows.column("p_pneumonia").to_pylist()], np.float64)

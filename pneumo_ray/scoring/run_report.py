@@ -35,7 +35,9 @@ def build_summary(run: dict, profile: RunProfile, card: dict) -> dict:
     """summary.json: the run's counts, flagged rates and drift verdicts."""
     drift = profile.drift()
     drifted = [name for name, result in drift.items() if result["drift"]]
+    inputs = [str(uri) for uri in run.get("inputs", [])]
     return {
+        "site": site_standing(card, inputs, profile, drifted),
         **run,
         "model_version": card.get("model_version"),
         "thresholds": {
@@ -55,6 +57,52 @@ def build_summary(run: dict, profile: RunProfile, card: dict) -> dict:
         "flagged": profile.flagged_rates(),
         "images_profiled": profile.images,
     }
+
+
+def adapted_to(card: dict, inputs: list[str]) -> bool:
+    """Whether the bundle was adapted (pneumo-adapt) to a store that holds, or is held by, one
+    of ``inputs``."""
+
+    def inside(a: str, b: str) -> bool:
+        a, b = a.rstrip("/"), b.rstrip("/")
+        return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+    stores_adapted = [
+        uri
+        for record in card.get("site_adaptations", [])
+        for uri in [*record.get("inputs", []), record.get("store")]
+        if uri
+    ]
+    return any(inside(uri, store) for uri in inputs for store in stores_adapted)
+
+
+def site_standing(card: dict, inputs: list[str], profile: RunProfile, drifted: list[str]) -> dict:
+    """Where the bundle stands at this store: adapted to it or not, and, when it was never
+    adapted and tonight drifts, the class balance estimated from tonight's p_pneumonia (EM on
+    the run's sample) and what to do."""
+    from pneumo_ray.models.calibration import em_class_prior, training_class_prior
+
+    adapted = adapted_to(card, inputs)
+    standing = {"adapted_to_store": adapted, "act": bool(drifted) and not adapted}
+    if not standing["act"] or not profile.sample_p or "training" not in card:
+        standing["act"] = False
+        return standing
+    trained = training_class_prior(card)["binary"]
+    p = np.asarray(profile.sample_p, dtype=np.float64)
+    site = float(em_class_prior(np.stack([1 - p, p], axis=1), [1 - trained, trained])[1])
+    standing.update(
+        class_balance={"pneumonia_training": trained, "pneumonia_estimated": site,
+                       "from_images": len(p)},
+        line=(
+            f"bundle {card.get('model_version')} was never adapted to this store and tonight's "
+            f"images drift from its reference ({', '.join(drifted)}); estimated pneumonia "
+            f"share {site:.2f} (EM on {len(p):,} of tonight's images) against {trained:.2f} in "
+            "training. Adapt it from the store's own images: pneumo-adapt --model MODEL "
+            f"--unlabelled {' '.join(inputs)} --output ADAPTED; labels for the images on the "
+            "labelling list set the operating point further (pneumo-adapt --data LIST)"
+        ),
+    )  # fmt: skip
+    return standing
 
 
 def write_run_report(report_dir: str, summary: dict, profile: RunProfile) -> str:
@@ -192,7 +240,16 @@ def _banner(summary: dict) -> str:
         return "<div class='banner ok'>No new images were scored in this run.</div>"
     if summary["drifted"]:
         names = ", ".join(summary["drift"][n]["title"] for n in summary["drifted"])
-        return f"<div class='banner drift'>DRIFT detected in: {_e(names)}</div>"
+        site = summary.get("site", {})
+        advice = (
+            f"<div class='banner drift'>{_e(site['line'])}"
+            + (f" Labelling list: {_e(site['labelling_list'])}" if site.get("labelling_list")
+               else "")
+            + "</div>"
+            if site.get("act")
+            else ""
+        )  # fmt: skip
+        return f"<div class='banner drift'>DRIFT detected in: {_e(names)}</div>" + advice
     return "<div class='banner ok'>No drift: every statistic is within the card's rule.</div>"
 
 

@@ -85,6 +85,10 @@ MAX_ERRORS_KEPT = 100
 DRIFT_EXIT_CODE = 3  # --fail-on-drift: distinct from 1 (an error) and 2 (a bad flag)
 
 
+LABELLING_LIST = "labelling_list.csv"  # a drifting store's, in the run's report folder
+LABELLING_IMAGES = 50
+
+
 @dataclass
 class ScoreConfig:
     """Everything ``jobs/score.py`` needs; each field is a command-line flag."""
@@ -747,6 +751,17 @@ def write_report(
         "errors": summary.errors,
     }
     report = build_summary(run, profile, card)
+    site = report["site"]
+    if site["act"]:
+        from pneumo_ray.models.labelling import write_labelling_list
+
+        site["labelling_list"] = stores.join(report_dir, LABELLING_LIST)
+        rows = write_labelling_list(
+            site["labelling_list"], profile.sample_uris, np.asarray(profile.sample_p),
+            float(card["models"]["binary"]["threshold"]), LABELLING_IMAGES, "spread",
+        )  # fmt: skip
+        log(site["line"])
+        log(f"labelling list ({rows} images to label): {site['labelling_list']}")
     summary.drifted = report["drifted"]
     summary.report = write_run_report(report_dir, report, profile)
 

@@ -36,3 +36,28 @@ def test_the_as_trained_figures_are_the_cards_and_every_image_is_predicted_once(
     assert summary["adapted"]["binary"]["headline"]["roc_auc"] == pytest.approx(
         summary["as_trained"]["binary"]["headline"]["roc_auc"], abs=0.02
     )  # monotone maps: the ranking within a fold is kept
+
+
+@pytest.mark.integration
+def test_the_learning_curve_has_a_row_per_label_count_and_rule(trained):
+    bundle, _ = trained
+    data = json.loads((bundle / "card.json").read_text())["training"]["config"]["data"]
+    summary = load_benchmark("site_adaptation").main(
+        ["--model", str(bundle), "--data", data, "--curve", "--labels", "0,30,all",
+         "--draws", "2", "--rules", "spread,random"]
+    )  # fmt: skip
+    assert set(summary["curve"]) == {"0/-", "30/spread", "30/random", "all/-"}
+    for row in summary["curve"].values():
+        specificity = row["binary.specificity"]
+        assert len(specificity["values"]) == 2  # one figure per patient draw
+        assert specificity["min"] <= specificity["median"] <= specificity["max"]
+        assert 0.0 <= specificity["median"] <= 1.0
+    # with every label of the half, both rules take the same images: one row, not two
+    assert "all/spread" not in summary["curve"]
+    assert summary["as_trained"]["binary"]["roc_auc"] > 0.5
+
+
+def test_the_benchmark_needs_a_store_or_the_bundles_validation(capsys):
+    with pytest.raises(SystemExit):
+        load_benchmark("site_adaptation").main(["--model", "b"])
+    assert "--validation" in capsys.readouterr().err

@@ -110,6 +110,7 @@ def test_network_settings_change_the_run_key_and_the_designs_keep_it():
         {"architecture": "resnet18"},
         {"normalization": "standardize"},
         {"acquisition_shift": True},
+        {"framing_augmentation": True},
     ):
         other = TrainConfig.from_flat(data="/s", output="/o", **change)
         assert other.run_key("binary") != base.run_key("binary"), change
@@ -118,7 +119,12 @@ def test_network_settings_change_the_run_key_and_the_designs_keep_it():
     assert masked.run_key("autoencoder") != base.run_key("autoencoder")
     assert masked.run_key("binary") == base.run_key("binary")
     # Inference-time choices do not retrain anything.
-    for change in ({"tta": "flip"}, {"binary_score": "network"}, {"calibrate": False}):
+    for change in (
+        {"tta": "flip"},
+        {"binary_score": "network"},
+        {"calibrate": False},
+        {"counterfactual_images": 5},
+    ):
         other = TrainConfig.from_flat(data="/s", output="/o", **change)
         assert other.run_key("binary") == base.run_key("binary"), change
 

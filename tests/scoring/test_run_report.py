@@ -101,6 +101,37 @@ def test_a_blurred_darkened_store_drifts_and_fails_the_job(drifted_run, stores):
     assert read_scores(str(output)).num_rows == stores[2]
 
 
+def test_a_drifting_store_the_bundle_was_never_adapted_to_gets_a_line_and_a_labelling_list(
+    unchanged_run, drifted_run, stores
+):
+    output, log, _ = drifted_run
+    summary = json.loads((_report_dir(output) / "summary.json").read_text())
+    site = summary["site"]
+    assert site["act"] and not site["adapted_to_store"]
+    balance = site["class_balance"]
+    assert 0.0 < balance["pneumonia_estimated"] < 1.0 and balance["from_images"] == stores[2]
+    assert "was never adapted to this store" in log and "pneumo-adapt" in log
+    listed = Path(site["labelling_list"])
+    rows = listed.read_text().splitlines()
+    assert rows[0].startswith("image_uri,label,patient_id")
+    assert len(rows) - 1 == min(50, stores[2])
+    assert "never adapted" in (_report_dir(output) / "report.html").read_text()
+    # a quiet night says nothing of it
+    quiet = json.loads((_report_dir(unchanged_run[0]) / "summary.json").read_text())["site"]
+    assert not quiet["act"] and "labelling_list" not in quiet
+
+
+def test_adapted_to_knows_a_store_by_its_inputs_and_their_folders():
+    from pneumo_ray.scoring.run_report import adapted_to
+
+    card = {"site_adaptations": [{"inputs": ["s3://pacs/night/"]}, {"store": "/data/site"}]}
+    assert adapted_to(card, ["s3://pacs/night"])
+    assert adapted_to(card, ["s3://pacs/night/2026-12-07"])
+    assert adapted_to(card, ["/data/site/test"])
+    assert not adapted_to(card, ["s3://pacs/nightly"])
+    assert not adapted_to({}, ["/data/site"])
+
+
 def test_heatmaps_for_flagged_images_and_none_when_asked(unchanged_run, drifted_run):
     output, _ = unchanged_run
     rows = read_scores(str(output)).to_pandas()

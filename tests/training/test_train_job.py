@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pneumo_ray.io.edits import CHECK_EDITS
 from pneumo_ray.models.bundle import load_bundle
 from pneumo_ray.models.cnn import binary_cnn
 from pneumo_ray.models.knn import KNN_K_CANDIDATES
@@ -73,6 +74,24 @@ def test_bundle_holds_every_file(trained):
         for uri in reference.column("image_uri").to_pylist()
     )  # the subset's own files
     load_bundle(str(bundle))  # verifies every sha256
+
+
+def test_report_holds_the_counterfactual_check_on_validation(trained):
+    bundle, output = trained
+    check = json.loads((bundle / "report" / "counterfactual.json").read_text())
+    card = json.loads((bundle / "card.json").read_text())
+    edits = card["robustness_check"]["edits"]
+    assert len(edits) == len(CHECK_EDITS) and card["robustness_check"]["split"] == "validation"
+    assert {(r["edit"], r["label"]) for r in check["edits"]} == {
+        (edit, label) for edit in edits for label in ("normal", "bacterial", "viral")
+    }
+    validation = card["data_fingerprint"]["val"]["images"]
+    assert check["summary"]["images"] == min(validation, check["summary"]["images"])
+    assert 0 < check["summary"]["images"] <= 3 * 60  # --counterfactual-images' default
+    shares = card["robustness_check"]["cam_border_share"]
+    assert set(shares) == {"binary", "multiclass"}
+    assert "largest share of calls moved by an edit" in output
+    assert (bundle / "report" / "counterfactual.txt").read_text().startswith("edit")
 
 
 def test_metrics_report_every_model(trained):
