@@ -133,8 +133,8 @@ def labelled_on(bundle, raw, images, rows, rules):
 
 def choose_labelled(bundle, raw, fit_rows, n, rule, seed):
     """``n`` of the half's images to label, by ``rule`` (the labelling list's)."""
-    from pneumo_ray.training.adaptation import with_patch_distances
     from pneumo_ray.models.labelling import select_for_labelling
+    from pneumo_ray.training.adaptation import with_patch_distances
 
     if n is None or n >= len(fit_rows):
         return fit_rows

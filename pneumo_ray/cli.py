@@ -661,6 +661,13 @@ def adapt_parser(prog: str | None = None) -> Parser:
         help="add the site's normal images to the anomaly score's normal reference "
         "(PatchCore's memory bank, the latent score's codes; default), or keep it",
     )
+    parser.add_argument(
+        "--scope",
+        choices=("keep", "add"),
+        default="keep",
+        help="keep the scope check as trained (default), or add: it also takes in images like "
+        "the site's labelled films (a site whose films differ from the training images)",
+    )
     unlabelled = parser.add_argument_group("with --unlabelled")
     unlabelled.add_argument(
         "--max-images",
@@ -702,6 +709,7 @@ def adapt_main(argv: Sequence[str] | None = None, prog: str | None = None) -> No
             "score_map": args.score_map,
             "knn": args.knn,
             "normals": args.normals,
+            "scope": args.scope,
         }
         SiteRules(**{k: v for k, v in overrides.items() if v is not None}).check()
         if args.unlabelled is not None:

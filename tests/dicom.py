@@ -29,12 +29,15 @@ def write_dicom(
     intercept: float = 0.0,
     window: tuple[float, float] | None = None,
     view: str | None = None,
+    modality: str = "DX",
+    **tags,
 ) -> None:
     """Save a uint8 grayscale picture as DICOM with the given bit depth and photometry.
 
     MONOCHROME1 files store the inverted picture, so that a correct reader shows the same
     image as the MONOCHROME2 file. 16-bit files spread the values over 12 bits, as X-ray
-    detectors do, and store (value - intercept) / slope. ``view``: the View Position.
+    detectors do, and store (value - intercept) / slope. ``view``: the View Position;
+    ``modality`` and ``tags`` (BodyPartExamined="KNEE", PatientAge="045Y", ...): more tags.
     """
     values = gray.astype(np.float64) if bits == 8 else gray.astype(np.float64) * (4095 / 255)
     top = 255 if bits == 8 else 4095
@@ -42,7 +45,9 @@ def write_dicom(
         values = top - values
     stored = np.round((values - intercept) / slope).astype(np.uint8 if bits == 8 else np.uint16)
 
-    ds = _dataset(path, "DX")
+    ds = _dataset(path, modality)
+    for name, value in tags.items():
+        setattr(ds, name, value)
     ds.Rows, ds.Columns = stored.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric

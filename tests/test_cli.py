@@ -143,9 +143,14 @@ def test_console_scripts_are_installed_and_refuse_in_one_line(command):
             {"pneumo-train": ["--data", "--output"],
              "pneumo-score": ["--model", "--input", "--output"],
              "pneumo-evaluate": ["--model", "--data"],
-             "pneumo-adapt": ["--model", "--data", "--output"]}[command]
+             "pneumo-adapt": ["--model", "--output"]}[command]
         )
     ]  # fmt: skip
+    if command == "pneumo-adapt":  # labelled or unlabelled images of the site: one of them
+        refused = subprocess.run([script, "--model", "m", "--output", "o"], capture_output=True,
+                                 text=True, timeout=60)  # fmt: skip
+        assert refused.returncode == 2
+        assert "one of the arguments --data --unlabelled is required" in refused.stderr
 
 
 def test_job_files_are_thin_wrappers_without_path_edits():

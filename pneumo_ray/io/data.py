@@ -24,7 +24,13 @@ import ray
 
 from pneumo_ray import faults
 from pneumo_ray.io import listing, stores
-from pneumo_ray.io.images import ImageDecodeError, decode_image, gpu_decodable, image_stats
+from pneumo_ray.io.images import (
+    ImageDecodeError,
+    decode_image,
+    gpu_decodable,
+    image_stats,
+    scope_note,
+)
 from pneumo_ray.io.labels import (
     CLASS_DIRS,
     CLASS_LABELS,
@@ -86,16 +92,19 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
     uris = batch["image_uri"]
     images = np.zeros((len(uris), image_size, image_size), dtype=np.uint8)
     # "" rather than None for success: a column of only None would reach Arrow as NaNs.
-    errors, kinds = [""] * len(uris), [""] * len(uris)
+    errors, kinds, notes = [""] * len(uris), [""] * len(uris), [""] * len(uris)
     for i, uri in enumerate(uris):
         try:
-            images[i] = load_image(str(uri), image_size)
+            data = read_image_bytes(str(uri))
+            images[i] = decode_image(data, image_size)
+            notes[i] = scope_note(data)
         except (ImageDecodeError, OSError) as exc:
             errors[i], kinds[i] = str(exc), error_kind(exc)
     return {
         **batch,
         "image": images,
         **image_stats(images),
+        "scope_note": np.array(notes, dtype=object),
         "error": np.array(errors, dtype=object),
         "error_kind": np.array(kinds, dtype=object),
     }
@@ -114,10 +123,11 @@ def read_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.nd
     uris = batch["image_uri"]
     blobs: list[bytes] = [b""] * len(uris)
     decoded = np.zeros(len(uris), dtype=bool)
-    errors, kinds = [""] * len(uris), [""] * len(uris)
+    errors, kinds, notes = [""] * len(uris), [""] * len(uris), [""] * len(uris)
     for i, uri in enumerate(uris):
         try:
             blobs[i] = read_image_bytes(str(uri))
+            notes[i] = scope_note(blobs[i])
             if not gpu_decodable(blobs[i]):
                 blobs[i], decoded[i] = decode_image(blobs[i], image_size).tobytes(), True
         except (ImageDecodeError, OSError) as exc:
@@ -128,6 +138,7 @@ def read_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.nd
         **batch,
         "image_data": data,
         "image_decoded": decoded,
+        "scope_note": np.array(notes, dtype=object),
         "error": np.array(errors, dtype=object),
         "error_kind": np.array(kinds, dtype=object),
     }

@@ -69,17 +69,83 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-# DICOM View Position (0018,5101) values of views the models cannot read: they learnt frontal
-# chest radiographs (PA, AP; a lateral decubitus film is frontal too). Laterals and obliques
-# get an error row that says so, not a pneumonia probability.
+# The scope rules from metadata (issue 33): what the models learnt is frontal (PA, AP; a lateral
+# decubitus film is frontal too) chest radiographs of children 1-5 years old.
 NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR"})
+CHEST_BODY_PARTS = frozenset(
+    {"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LAT", "TORSO", "PORT CHEST"}
+)
+MAX_AGE_YEARS = 10.0  # the training children were 1-5 years old; a margin of 5 years
+COLOUR_SPREAD = 12.0  # mean |R - G| + |G - B| (0-255) above which a JPEG or PNG is a colour picture
+AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def scope_note(data: bytes) -> str:
+    """Why the image's metadata says it is not what the models read ("" when nothing does):
+    ``kind: details``. DICOM: Modality (CR, DX or DR), Body Part Examined (a chest, or
+    absent), View Position (not lateral or oblique), Patient Age (at most MAX_AGE_YEARS),
+    Photometric Interpretation (monochrome); JPEG and PNG: colour. Never raises: a file it
+    cannot read is the decoder's to refuse."""
+    try:
+        return _dicom_note(data) if is_dicom(data) else _colour_note(data)
+    except Exception:  # noqa: BLE001 - metadata that cannot be read raises no objection
+        return ""
+
+
+def _dicom_note(data: bytes) -> str:
+    import pydicom
+
+    dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+
+    def tag(name: str) -> str:
+        return str(dataset.get(name, "") or "").strip().upper()
+
+    modality, part, view = tag("Modality"), tag("BodyPartExamined"), tag("ViewPosition")
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        return f"not a radiograph: DICOM Modality {modality} (the models read CR, DX and DR)"
+    if view in NOT_FRONTAL_VIEWS:
+        return f"lateral or oblique view: DICOM ViewPosition {view} (the models read PA and AP)"
+    if part and part not in CHEST_BODY_PARTS:
+        return f"not a chest film: DICOM BodyPartExamined {part}"
+    age = _age_years(tag("PatientAge"))
+    if age is not None and age > MAX_AGE_YEARS:
+        return (
+            f"not a child: DICOM PatientAge {tag('PatientAge')} (the models learnt children of "
+            f"1-5 years; in scope up to {MAX_AGE_YEARS:g})"
+        )
+    photometric = tag("PhotometricInterpretation")
+    if photometric and not photometric.startswith("MONOCHROME"):
+        return f"colour image: DICOM PhotometricInterpretation {photometric} (radiographs are grey)"
+    return ""
+
+
+def _age_years(value: str) -> float | None:
+    """A DICOM Age String (``nnnD``, ``nnnW``, ``nnnM``, ``nnnY``) in years; None if absent."""
+    if len(value) < 2 or value[-1] not in AGE_UNITS or not value[:-1].isdigit():
+        return None
+    return int(value[:-1]) * AGE_UNITS[value[-1]]
+
+
+def _colour_note(data: bytes) -> str:
+    """A JPEG or PNG whose colour channels differ (a photograph, a coloured document)."""
+    image = Image.open(io.BytesIO(data))
+    if image.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+        return ""
+    if image.format == "JPEG":
+        image.draft("RGB", (64, 64))
+    rgb = np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.float32)
+    spread = float(np.mean(np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])))
+    if spread > COLOUR_SPREAD:
+        return f"colour image: its colour channels differ by {spread:.0f} of 255 on average"
+    return ""
 
 
 def _dicom_to_u8(data: bytes) -> np.ndarray:
     """A DICOM image -> 8-bit grayscale: modality LUT (rescale slope/intercept), the file's
     VOI window when it has one (else the pixel range), MONOCHROME1 inverted; a colour image
-    (a secondary capture) as Pillow's luminance; a lateral or oblique view refused
-    (NOT_FRONTAL_VIEWS). Compressed pixel data decodes through pydicom's plugins: RLE
+    (a secondary capture) as Pillow's luminance (whether the models can read it at all is
+    ``scope_note``'s to say). Compressed pixel data decodes through pydicom's plugins: RLE
     natively, JPEG 2000 and 8-bit JPEG through Pillow, JPEG Lossless and JPEG-LS through GDCM
     (python-gdcm)."""
     import pydicom
@@ -87,12 +153,6 @@ def _dicom_to_u8(data: bytes) -> np.ndarray:
     dataset = None
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
-        view = str(dataset.get("ViewPosition", "") or "").strip().upper()
-        if view in NOT_FRONTAL_VIEWS:
-            raise ImageDecodeError(
-                f"not a frontal chest view (DICOM ViewPosition {view}): the models read PA "
-                "and AP radiographs"
-            )
         rows, cols = int(dataset.Rows), int(dataset.Columns)
         if rows * cols > MAX_PIXELS:
             raise ImageDecodeError(f"{cols}x{rows} pixels is over the {MAX_PIXELS:,} pixel limit")

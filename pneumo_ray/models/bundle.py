@@ -14,6 +14,8 @@ A bundle is a folder (local or ``s3://``) holding::
     patchcore_memory.parquet  its memory bank: coreset of normal training patches (no pickle)
     drift_reference.parquet the bundle's outputs and image statistics on the validation split:
                             what scoring runs are compared with (pneumo_ray.monitoring.drift)
+    scope.pt                the scope check's frozen ImageNet feature extractor
+    scope_reference.parquet its Gaussians of the training images and thresholds (no pickle)
     report/                 metrics.json and PNG plots
 
 Loading runs no code from the bundle: weights load with ``weights_only=True``, the KNN is
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from pneumo_ray.models.cnn import ChestCNN
     from pneumo_ray.models.knn import KnnReference
     from pneumo_ray.models.patchcore import PatchFeatures, PatchMemory
+    from pneumo_ray.models.scope import ScopeFeatures, ScopeReference
 
 # torch and the models are imported where they run: a scoring driver reads cards (read_card)
 # without loading torch, and stays about 450 MB smaller.
@@ -61,6 +64,9 @@ NORMAL_REFERENCE_FILE = "normal_reference.parquet"
 PATCHCORE_FILE = "patchcore.pt"
 PATCHCORE_MEMORY_FILE = "patchcore_memory.parquet"
 DRIFT_REFERENCE_FILE = "drift_reference.parquet"  # what scoring runs are compared with
+SCOPE_FILE = "scope.pt"
+SCOPE_REFERENCE_FILE = "scope_reference.parquet"
+WITHHELD = ("pred_binary", "pred_class", "knn_label")  # no call for an image out of scope
 REPORT_DIR = "report"
 
 
@@ -105,6 +111,8 @@ class Bundle:
     drift_reference: pa.Table | None = None  # validation outputs, for scoring runs' drift checks
     patchcore: PatchFeatures | None = None  # the ``patchcore`` anomaly score's extractor
     patch_memory: PatchMemory | None = None  # and its memory bank
+    scope: ScopeFeatures | None = None  # the scope check's extractor (issue 33)
+    scope_reference: ScopeReference | None = None  # and its Gaussians
 
     @property
     def image_size(self) -> int:
@@ -165,11 +173,16 @@ class Bundle:
         }
         if self.anomaly_score_kind == "patchcore":
             networks["patchcore"] = self.patchcore
+        if self.scope is not None:
+            networks["scope"] = self.scope
         return networks
 
-    def predict(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-        """All four models on one batch of decoded uint8 images ``(B, S, S)`` (numpy, or a
-        tensor already on the bundle's device).
+    def predict(
+        self, images: np.ndarray | torch.Tensor, notes: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """All four models and the scope check on one batch of decoded uint8 images
+        ``(B, S, S)`` (numpy, or a tensor already on the bundle's device); ``notes``: the
+        metadata's scope objections per image (``io.images.scope_note``), if read.
 
         Returns one array per output column (see the scoring job's Parquet schema).
         """
@@ -180,7 +193,8 @@ class Bundle:
         x = to_model_input(images).to(self.device)  # (B, 1, S, S)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.finish(network_outputs(self.networks, x, self.tta, inpaint=self.inpaint))
+        raw = network_outputs(self.networks, x, self.tta, inpaint=self.inpaint)
+        return self.finish(raw, notes)
 
     def calibrated(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``p_pneumonia_cnn`` (the binary network), ``probs`` (three-class) with the card's
@@ -209,11 +223,16 @@ class Bundle:
             return reduce_patches(raw["patch_distances"], self.patch_memory.reduction)
         return raw["ae_inpaint"] if kind == "inpaint" else raw["ae_mse"]
 
-    def finish(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def finish(
+        self, raw: dict[str, np.ndarray], notes: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """The networks' raw outputs -> the bundle's output columns: calibrated
         probabilities, thresholds, the KNN's label and neighbours (on the uncalibrated
-        softmax it was fitted on), and the anomaly score the card names."""
+        softmax it was fitted on), the anomaly score the card names, and the scope check
+        (``in_scope``, ``scope_score``, ``scope_reason``; ``withhold_out_of_scope`` then
+        takes the calls of images out of scope away, as scoring does)."""
         from pneumo_ray.models.knn import select_features
+        from pneumo_ray.models.scope import scope_columns
 
         calibrated = self.calibrated(raw)
         p_pneumonia, probs, mse = calibrated["p_pneumonia"], calibrated["probs"], raw["ae_mse"]
@@ -234,7 +253,22 @@ class Bundle:
             "anomaly_score": anomaly.astype(np.float32),
             "is_anomaly": anomaly > self.anomaly_threshold,
             "reconstruction_mse": mse.astype(np.float32),
+            **scope_columns(self.scope_reference if "scope_features" in raw else None, raw, notes),
         }
+
+
+def withhold_out_of_scope(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The bundle's columns with no binary call, class or KNN label where the image is out of
+    scope (its probabilities stay, with in_scope false and the reason beside them)."""
+    out_of_scope = ~np.asarray(columns["in_scope"], dtype=bool)
+    if not out_of_scope.any():
+        return columns
+    columns = dict(columns)
+    for name in WITHHELD:
+        values = np.asarray(columns[name], dtype=object).copy()
+        values[out_of_scope] = None
+        columns[name] = values
+    return columns
 
 
 def _state_dict_bytes(model: torch.nn.Module) -> bytes:
@@ -271,6 +305,9 @@ def write_bundle(bundle: Bundle, uri: str, report_dir: str | None = None) -> dic
     if bundle.patchcore is not None:
         payloads[PATCHCORE_FILE] = _state_dict_bytes(bundle.patchcore)
         payloads[PATCHCORE_MEMORY_FILE] = _parquet_bytes(bundle.patch_memory.to_table())
+    if bundle.scope is not None:
+        payloads[SCOPE_FILE] = _state_dict_bytes(bundle.scope)
+        payloads[SCOPE_REFERENCE_FILE] = _parquet_bytes(bundle.scope_reference.to_table())
     files = {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in payloads.items()}
     combined = sha256("".join(files[name]["sha256"] for name in sorted(files)).encode())
     card = {
@@ -357,22 +394,34 @@ def load_bundle(uri: str, device: torch.device | str = "cpu") -> Bundle:
         raise BundleError(f"{uri}: the latent anomaly score needs {NORMAL_REFERENCE_FILE}")
     patchcore = memory = None
     if PATCHCORE_FILE in card["files"]:
-        from pneumo_ray.models.patchcore import PatchMemory
-
         spec = {"architecture": card["models"]["patchcore"]["architecture"]}
         patchcore = build_network("patchcore", size, spec)
         data = _verified(uri, PATCHCORE_FILE, card)
-        patchcore.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
+        patchcore.load_state_dict(
+            torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        )
         table = pq.read_table(io.BytesIO(_verified(uri, PATCHCORE_MEMORY_FILE, card)))
         memory = PatchMemory.from_table(table)
         patchcore.set_memory(memory.features)
     if card["models"]["autoencoder"]["score"] == "patchcore" and patchcore is None:
         raise BundleError(f"{uri}: the patchcore anomaly score needs {PATCHCORE_FILE}")
+    scope = scope_reference = None
+    if SCOPE_FILE in card["files"]:  # a bundle from before the scope check has none
+        from pneumo_ray.models.scope import ScopeReference
+
+        spec = {"architecture": card["scope"]["architecture"]}
+        scope = build_network("scope", size, spec)
+        data = _verified(uri, SCOPE_FILE, card)
+        scope.load_state_dict(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
+        table = pq.read_table(io.BytesIO(_verified(uri, SCOPE_REFERENCE_FILE, card)))
+        scope_reference = ScopeReference.from_table(table)
     return Bundle(
         card,
         knn=knn,
         normal_reference=reference,
         patchcore=patchcore,
         patch_memory=memory,
+        scope=scope,
+        scope_reference=scope_reference,
         **models,
     ).to(device)

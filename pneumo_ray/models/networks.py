@@ -18,6 +18,10 @@ def build_network(name: str, image_size: int, spec: dict | None = None):
         from pneumo_ray.models.patchcore import PatchFeatures
 
         return PatchFeatures(spec["architecture"], pretrained=spec.get("pretrained") == "imagenet")
+    if name == "scope":  # the scope check's frozen ImageNet features (weights: the bundle's)
+        from pneumo_ray.models.scope import ScopeFeatures
+
+        return ScopeFeatures(spec["architecture"], pretrained=spec.get("pretrained") == "imagenet")
     if name not in ("binary", "multiclass"):
         raise ValueError(f"unknown network {name!r}; expected one of {NETWORKS}")
     return build_cnn(

@@ -60,6 +60,8 @@ def _network_outputs(
             out["ae_mse"], out["ae_code"] = autoencoder_outputs(models["autoencoder"], x)
             if inpaint:
                 out["ae_inpaint"] = inpainting_error(models["autoencoder"], x)
+        if "scope" in models:
+            out["scope_features"] = models["scope"](x)
         if "patchcore" in models:
             patches = models["patchcore"](x)
             key = "patch_features" if models["patchcore"].memory is None else "patch_distances"

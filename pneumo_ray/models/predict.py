@@ -294,10 +294,11 @@ class ModelActor:
             return self.decoder(list(batch["image_data"]), errors, decoded), errors
         return batch["image"], errors
 
-    def predict(self, images) -> dict[str, np.ndarray]:
-        """The ``outputs`` this actor was made for, for a batch of decoded images."""
+    def predict(self, images, notes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The ``outputs`` this actor was made for, for a batch of decoded images (``notes``:
+        their metadata's scope objections, for a bundle's scope columns)."""
         if self.outputs == "bundle":
-            return self.bundle.predict(images)
+            return self.bundle.predict(images, notes)
         import torch
 
         models = self.models if self.models is not None else self.bundle.networks
@@ -312,7 +313,7 @@ class ModelActor:
         if not ok.all():
             raise ValueError("training and evaluation splits hold decoded images only")
         columns = {key: batch[key] for key in PASSTHROUGH if key in batch}
-        columns.update(self.predict(images))
+        columns.update(self.predict(images, batch.get("scope_note")))
         if self.outputs == "networks":  # the training job's drift reference needs them
             columns.update(usable_image_stats(batch, images, ok))
         return columns_to_table(columns)

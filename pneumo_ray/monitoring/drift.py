@@ -59,7 +59,10 @@ STATISTICS = (
     Statistic("image_contrast", "contrast (pixel standard deviation)"),
     Statistic("image_sharpness", "sharpness (Laplacian standard deviation)"),
     Statistic("image_kib", "file size (KiB)"),
+    # the share of images out of scope (issue 33): a night that suddenly holds CT slices
+    Statistic("in_scope", "in scope (a frontal chest X-ray of a child)", ("false", "true")),
 )
+OUT_OF_SCOPE_EXAMPLES = 8  # out-of-scope images the report shows
 REFERENCE_COLUMNS = (
     "image_uri",
     "p_pneumonia",
@@ -69,6 +72,7 @@ REFERENCE_COLUMNS = (
     "is_anomaly",
     *IMAGE_STATS,
     "image_bytes",
+    "in_scope",
 )
 
 
@@ -86,12 +90,19 @@ def reference_table(
         "is_anomaly": pa.array(np.asarray(outputs["is_anomaly"], bool)),
         **{name: pa.array(np.asarray(stats[name], np.float32)) for name in IMAGE_STATS},
         "image_bytes": pa.array(np.asarray(sizes, np.int64)),
+        # null (a scope check not run) counts as in scope
+        "in_scope": pa.array(
+            [v is not False and v != 0 for v in outputs.get("in_scope", [True] * len(uris))],
+            pa.bool_(),
+        ),
     }
     return pa.table([columns[name] for name in REFERENCE_COLUMNS], names=list(REFERENCE_COLUMNS))
 
 
 def _values(table: pa.Table, stat: Statistic) -> np.ndarray:
     """The statistic's values in a table of scored rows (or the reference), nulls dropped."""
+    if stat.name not in table.column_names and stat.name != "image_kib":
+        return np.array([])  # a reference from before the statistic existed
     if stat.name == "image_kib":
         column = table.column("image_bytes").to_numpy(zero_copy_only=False)
         return column.astype(np.float64) / 1024.0
@@ -200,24 +211,51 @@ class RunProfile:
         self._order = 0
         # A uniform sample of the run's (image_uri, p_pneumonia), bounded (reservoir sampling,
         # seeded): the site's class balance and its labelling list are estimated from it.
+        self.out_of_scope: dict[str, int] = {}  # reason kind -> images
+        self.out_of_scope_examples: list[dict] = []
         self.sample_uris: list[str] = []
         self.sample_p: list[float] = []
         self._rng = np.random.default_rng(0)
 
     def add(self, rows: pa.Table) -> None:
-        """Count the rows scored without error (a committed part)."""
+        """Count the rows scored without error (a committed part): the share in scope over
+        all of them, every other statistic over those in scope (an out-of-scope image's
+        outputs say nothing of the site's children)."""
         ok = rows.filter(pc.is_null(rows.column("error")))
         if not ok.num_rows:
             return
+        self._count_out_of_scope(ok)
+        if "in_scope" in self.histograms:
+            self.histograms["in_scope"].add(_values(ok, self.histograms["in_scope"].stat))
+        ok = ok.filter(pc.invert(pc.fill_null(pc.equal(ok.column("in_scope"), False), False)))
+        if not ok.num_rows:
+            return
         self.images += ok.num_rows
-        for histogram in self.histograms.values():
-            histogram.add(_values(ok, histogram.stat))
+        for name, histogram in self.histograms.items():
+            if name != "in_scope":
+                histogram.add(_values(ok, histogram.stat))
         binary, anomaly = _flags(ok)
         flags = _flag_counts(binary, anomaly)
         for key in self.flagged:
             self.flagged[key] += flags[key]
         self._keep_top(ok, binary | anomaly)
         self._keep_sample(ok)
+
+    def _count_out_of_scope(self, rows: pa.Table) -> None:
+        """Out-of-scope images by the kind of reason (its text before the colon), and the
+        first few of them."""
+        flags = rows.column("in_scope").to_pylist()
+        reasons = rows.column("scope_reason").to_pylist()
+        for i, (flag, reason) in enumerate(zip(flags, reasons, strict=True)):
+            if flag is not False:
+                continue
+            kind = str(reason or "out of scope").split(":", 1)[0]
+            self.out_of_scope[kind] = self.out_of_scope.get(kind, 0) + 1
+            if len(self.out_of_scope_examples) < OUT_OF_SCOPE_EXAMPLES:
+                self.out_of_scope_examples.append(
+                    {name: rows.column(name)[i].as_py()
+                     for name in ("image_uri", "scope_score", "scope_reason", "p_pneumonia")}
+                )  # fmt: skip
 
     def _keep_sample(self, rows: pa.Table) -> None:
         """Algorithm R over the rows in order: each row seen so far is in the sample with

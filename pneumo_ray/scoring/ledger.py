@@ -68,6 +68,10 @@ OUTPUT_SCHEMA = pa.schema(
         ("is_anomaly", pa.bool_()),
         ("reconstruction_mse", pa.float32()),  # the design's anomaly score, always kept
         ("heatmap_uri", pa.string()),  # Grad-CAM overlay PNG (--heatmaps); null: none made
+        # the scope check (issue 33): out of scope, the calls above are null
+        ("in_scope", pa.bool_()),  # null: the row has an error
+        ("scope_score", pa.float32()),  # <= 1 in scope; null: the bundle has no scope check
+        ("scope_reason", pa.string()),  # why not in scope ("kind: details"); null when in scope
         # image statistics at the model's input size, for drift checks (pneumo_ray.monitoring.drift)
         ("image_mean", pa.float32()),
         ("image_contrast", pa.float32()),

@@ -56,6 +56,13 @@ def build_summary(run: dict, profile: RunProfile, card: dict) -> dict:
         "drifted": drifted,
         "flagged": profile.flagged_rates(),
         "images_profiled": profile.images,
+        "scope": {
+            "available": "scope.pt" in card.get("files", {}),
+            "what": "in scope: a frontal chest X-ray of a child (card: scope); drift and flag "
+            "rates are over the images in scope",
+            "out_of_scope": dict(sorted(profile.out_of_scope.items(), key=lambda kv: -kv[1])),
+            "examples": profile.out_of_scope_examples,
+        },
     }
 
 
@@ -223,6 +230,8 @@ def render_html(summary: dict, profile: RunProfile) -> str:
         _counts(summary),
         "<h2>Flagged rates</h2>",
         _flagged(summary),
+        "<h2>Out of scope</h2>",
+        _scope(summary),
         "<h2>Drift against the bundle's reference</h2>",
         _drift(summary, profile),
         "<h2>Top flagged images</h2>",
@@ -231,6 +240,32 @@ def render_html(summary: dict, profile: RunProfile) -> str:
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def _scope(summary: dict) -> str:
+    """Out-of-scope images by reason, and a few of them."""
+    scope = summary["scope"]
+    if not scope["available"]:
+        note = (
+            "<p>The scope check was not available: this bundle has no scope reference (trained "
+            "before it existed); DICOM metadata rules still apply.</p>"
+        )
+    else:
+        note = f"<p>{_e(scope['what'])}.</p>"
+    if not scope["out_of_scope"]:
+        return note + "<p>No image was out of scope.</p>"
+    table = _table(
+        ["reason", "images"], [[_e(kind), _fmt(n)] for kind, n in scope["out_of_scope"].items()]
+    )
+    figures = []
+    for example in scope["examples"]:
+        thumbnail = _thumbnail_uri(example["image_uri"])
+        picture = f"<img alt='' src='{thumbnail}'>" if thumbnail else ""
+        figures.append(
+            f"<figure>{picture}<figcaption><code>{_e(example['image_uri'])}</code><br>"
+            f"{_e(example['scope_reason'])}</figcaption></figure>"
+        )
+    return note + table + f"<div class='neighbours'>{''.join(figures)}</div>"
 
 
 def _banner(summary: dict) -> str:

@@ -39,7 +39,7 @@ from pneumo_ray.io import stores
 from pneumo_ray.io.data import PERMANENT, TRANSIENT, decode_batch, read_batch
 from pneumo_ray.io.labels import BINARY_LABELS
 from pneumo_ray.io.listing import LISTING_SCHEMA, iter_listing
-from pneumo_ray.models.bundle import read_card, read_drift_reference
+from pneumo_ray.models.bundle import read_card, read_drift_reference, withhold_out_of_scope
 from pneumo_ray.models.predict import (
     ACTORS_PER_GPU,
     DECODE_MODES,
@@ -191,9 +191,9 @@ class BundlePredictor(ModelActor):
         n = len(uris)
         if self.heatmaps == "none" or not n:
             return [None] * n
-        wanted = np.ones(n, dtype=bool)
+        wanted = np.asarray(predictions["in_scope"], dtype=bool).copy()  # no map out of scope
         if self.heatmaps == "flagged":
-            wanted = (predictions["pred_binary"] == BINARY_LABELS[1]) | predictions["is_anomaly"]
+            wanted &= (predictions["pred_binary"] == BINARY_LABELS[1]) | predictions["is_anomaly"]
         result: list[str | None] = [None] * n
         if not wanted.any():
             return result
@@ -220,7 +220,10 @@ class BundlePredictor(ModelActor):
         predictions = {}
         if ok.any():
             usable = select_rows(images, ok)
-            predictions = self.bundle.predict(usable)
+            notes = (
+                np.asarray(batch["scope_note"], dtype=object)[ok] if "scope_note" in batch else None
+            )
+            predictions = withhold_out_of_scope(self.bundle.predict(usable, notes))
             predictions.update(usable_image_stats(batch, images, ok))
             uris = [str(u) for u in batch["image_uri"][ok]]
             predictions["heatmap_uri"] = self._heatmap_uris(usable, uris, predictions)
@@ -306,6 +309,7 @@ class ScoreSummary:
     first_scored_s: float | None = None
     run_id: str | None = None
     heatmaps: int = 0
+    out_of_scope: dict[str, int] = field(default_factory=dict)  # reason kind -> images
     drifted: list[str] = field(default_factory=list)  # monitored statistics that drifted
     report: str | None = None  # the run's report.html
     errors: list[tuple[str, str]] = field(default_factory=list)  # the first MAX_ERRORS_KEPT
@@ -331,6 +335,7 @@ class ScoreSummary:
             else round(self.first_scored_s, 1),
             "images_per_s": round(self.images_per_s, 2),
             "heatmaps": self.heatmaps,
+            "out_of_scope": self.out_of_scope,
         }
 
     def __str__(self) -> str:
@@ -346,6 +351,9 @@ class ScoreSummary:
             f"{first}\n"
             f"throughput: {self.images_per_s:.1f} images/s over {self.seconds:.1f}s\n"
             f"heatmaps written: {self.heatmaps}\n"
+            f"out of scope (no call): {sum(self.out_of_scope.values())}"
+            + "".join(f"\n  {kind}: {n}" for kind, n in self.out_of_scope.items())
+            + "\n"
             f"driver peak memory: {driver_peak_mib():.0f} MiB\n"
             f"output: {self.output}"
             + (f" (run {self.run_id})" if self.parts else " (nothing new to score)")
@@ -750,6 +758,8 @@ def write_report(
         "inputs": config.inputs,
         "errors": summary.errors,
     }
+    summary.out_of_scope = dict(profile.out_of_scope)
+    run["out_of_scope"] = summary.out_of_scope
     report = build_summary(run, profile, card)
     site = report["site"]
     if site["act"]:

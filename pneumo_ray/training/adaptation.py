@@ -67,6 +67,8 @@ from pneumo_ray.training.pipeline import calibrate, choose_binary_threshold
 
 KNN_MODES = ("add", "keep")
 NORMALS_MODES = ("add", "keep")
+SCOPE_MODES = ("keep", "add")
+MIN_SCOPE_IMAGES = 50  # a site's Gaussians need this many of its images
 REFERENCED = ("patchcore", "latent")  # the anomaly scores that measure against normal images
 FEW_IMAGES = 50  # per binary class: below this, the site's thresholds are rough (a warning)
 
@@ -83,6 +85,7 @@ class SiteRules:
     score_map: bool = True  # a logistic map of each binary score after the temperatures
     knn: str = "add"  # or keep
     normals: str = "add"  # or keep: the site's normal images join the anomaly reference
+    scope: str = "keep"  # or add: the scope check also takes in images like the site's
 
     @classmethod
     def from_card(cls, card: dict, **overrides) -> SiteRules:
@@ -111,6 +114,8 @@ class SiteRules:
             raise ConfigError(f"--knn must be one of {KNN_MODES}, got {self.knn!r}")
         if self.normals not in NORMALS_MODES:
             raise ConfigError(f"--normals must be one of {NORMALS_MODES}, got {self.normals!r}")
+        if self.scope not in SCOPE_MODES:
+            raise ConfigError(f"--scope must be one of {SCOPE_MODES}, got {self.scope!r}")
 
 
 def with_patch_distances(bundle: Bundle, outputs: dict[str, np.ndarray]) -> dict:
@@ -261,6 +266,7 @@ def adapt(
         models["knn"]["site_reference_images"] = models["knn"].get(
             "site_reference_images", 0
         ) + len(site_uris)
+    scope_rule = _widen_scope(bundle, outputs, rules)
     used = set(site_uris)
     sizes = {image.uri: image.size for image in images}
     finished = bundle.finish(outputs)  # with the new card: the adapted bundle's columns
@@ -289,12 +295,35 @@ def adapt(
             if rules.knn == "add"
             else "unchanged (--knn keep)",
             "anomaly_reference": normals_note["rule"],
+            "scope": scope_rule,
         },
         "adapted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "previous": previous,
     }
     card.setdefault("site_adaptations", []).append(record)
     return record
+
+
+def _widen_scope(bundle: Bundle, outputs: dict, rules: SiteRules) -> str:
+    """With ``--scope add``, the scope check also takes in images like the site's labelled
+    films (in place); the rule, for the record."""
+    if rules.scope == "keep" or bundle.scope_reference is None:
+        return "unchanged" + (" (--scope keep)" if bundle.scope_reference is not None else
+                              ": the bundle has no scope check")  # fmt: skip
+    if "scope_features" not in outputs:
+        raise ValueError("--scope add needs the scope features of the site's images")
+    n = len(outputs["scope_features"])
+    if n < MIN_SCOPE_IMAGES:
+        log(f"--scope add: {n} images are too few for the site's Gaussians (needs "
+            f"{MIN_SCOPE_IMAGES}); the scope check is unchanged")  # fmt: skip
+        return f"unchanged: {n} site images (--scope add needs {MIN_SCOPE_IMAGES})"
+    from pneumo_ray.models.scope import scope_features
+
+    bundle.scope_reference = bundle.scope_reference.widened(scope_features(outputs))
+    return (
+        f"widened: Gaussians of the site's {n} images joined the training images' (in scope: "
+        "near either)"
+    )
 
 
 def _recorded(entry: dict, keys) -> dict:

@@ -258,8 +258,16 @@ def write_report(
 
     os.makedirs(directory, exist_ok=True)
     metrics, p = evaluation.metrics, evaluation.predictions
+    scope = scope_summary(bundle, p)
+    log(
+        f"scope check: {scope['out_of_scope']} of {scope['images']} {split} images out of scope"
+        + (f" ({', '.join(f'{k}: {n}' for k, n in scope['reasons'].items())})"
+           if scope["reasons"] else "")
+        + ("" if scope["available"] else "; no pixel check in this bundle (metadata only)")
+        + " (the figures include them, with the calls the networks made)"
+    )  # fmt: skip
     report.write_json(
-        {split: metrics, "bootstrap": evaluation.bootstrap, **(extra or {})},
+        {split: metrics, "bootstrap": evaluation.bootstrap, "scope": scope, **(extra or {})},
         os.path.join(directory, "metrics.json"),
     )
     table = pd.DataFrame(
@@ -299,6 +307,22 @@ def write_report(
     _plot_reconstructions(
         bundle, dataset, os.path.join(directory, "autoencoder_reconstructions.png")
     )
+
+
+def scope_summary(bundle: Bundle, p: dict[str, np.ndarray]) -> dict:
+    """How many evaluated images the scope check put out of scope, by the kind of reason."""
+    from collections import Counter
+
+    outside = ~np.asarray(p.get("in_scope", np.ones(len(p["image_uri"]))), dtype=bool)
+    reasons = Counter(
+        str(reason).split(":", 1)[0] for reason in np.asarray(p["scope_reason"])[outside]
+    ) if "scope_reason" in p else Counter()  # fmt: skip
+    return {
+        "available": bundle.scope_reference is not None,
+        "images": int(len(outside)),
+        "out_of_scope": int(outside.sum()),
+        "reasons": dict(reasons.most_common()),
+    }
 
 
 def _plot_reconstructions(bundle: Bundle, dataset: ray.data.Dataset, path: str, per_class: int = 3):

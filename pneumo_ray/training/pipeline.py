@@ -19,6 +19,7 @@ from pneumo_ray.config import (
     TrainConfig,
     patchcore_available,
 )
+from pneumo_ray.errors import MissingPackageError
 from pneumo_ray.io import data
 from pneumo_ray.io.edits import CHECK_EDITS
 from pneumo_ray.io.images import PREPROCESSING
@@ -46,6 +47,12 @@ from pneumo_ray.models.knn import KNN_K_CANDIDATES, KnnReference, select_feature
 from pneumo_ray.models.patchcore import REDUCTIONS as PATCH_REDUCTIONS
 from pneumo_ray.models.patchcore import PatchFeatures, PatchMemory, reduce_patches
 from pneumo_ray.models.predict import ActorPlan, Networks, collect, plan_actors, run_models
+from pneumo_ray.models.scope import (
+    SCOPE_ARCHITECTURE,
+    ScopeFeatures,
+    ScopeReference,
+    scope_features,
+)
 from pneumo_ray.monitoring.drift import DRIFT_RULE, IMAGE_STATS, STATISTICS, reference_table
 from pneumo_ray.runtime import check_shared_storage
 from pneumo_ray.training import report
@@ -283,6 +290,8 @@ class References:
     validation_outputs: dict  # the networks' raw outputs and image statistics on validation
     patchcore: PatchFeatures | None = None  # the patchcore score's extractor and memory bank
     patch_memory: PatchMemory | None = None
+    scope: ScopeFeatures | None = None  # the scope check's extractor and Gaussians
+    scope_reference: ScopeReference | None = None
 
     @property
     def anomaly_threshold(self) -> float:
@@ -377,6 +386,33 @@ def patchcore_extractor(config: TrainConfig) -> PatchFeatures | None:
     return PatchFeatures(config.robustness.architecture, pretrained=True)
 
 
+def scope_extractor() -> ScopeFeatures | None:
+    """The scope check's frozen ImageNet extractor; None (and a line saying so) without the
+    packaged ImageNet weights (the pretrained extra)."""
+    try:
+        return ScopeFeatures(SCOPE_ARCHITECTURE, pretrained=True)
+    except MissingPackageError as exc:
+        log(f"no scope check in this bundle: {exc}")
+        return None
+
+
+def fit_scope(
+    extractor: ScopeFeatures | None, train_out: dict, val_out: dict
+) -> ScopeReference | None:
+    """The scope check's Gaussians of the training images (every class), thresholds at
+    PERCENTILE of the validation images' distances."""
+    if extractor is None:
+        return None
+    reference = ScopeReference.fit(scope_features(train_out), scope_features(val_out))
+    marked = float(np.mean(reference.score(scope_features(val_out)) > 1.0))
+    log(
+        f"scope check: Gaussians of {reference.fit_images} training images, thresholds at the "
+        f"{reference.percentile:g}th percentile of {reference.threshold_images} validation "
+        f"images' distances ({marked:.1%} of validation out of scope)"
+    )
+    return reference
+
+
 def fit_references(
     config: TrainConfig, trained: dict[str, TrainedNetwork], splits: Splits, plan: ActorPlan
 ) -> References:
@@ -390,6 +426,11 @@ def fit_references(
     if extractor is not None:
         states["patchcore"] = extractor.state_dict()
         specs["patchcore"] = {"architecture": extractor.architecture}
+    scope = scope_extractor()
+    with_scope = ("scope",) if scope is not None else ()
+    if scope is not None:
+        states["scope"] = scope.state_dict()
+        specs["scope"] = {"architecture": scope.architecture}
 
     def networks(*names: str, inpaint: bool = False, memory=None) -> Networks:
         return Networks(
@@ -422,12 +463,14 @@ def fit_references(
         networks(
             *NETWORKS,
             *with_patches,
+            *with_scope,
             inpaint=True,
             memory=None if memory is None else memory.features,
         ),
         plan,
     )
-    train_out = run_models(splits.train.dataset, networks("multiclass"), plan)
+    train_out = run_models(splits.train.dataset, networks("multiclass", *with_scope), plan)
+    scope_reference = fit_scope(scope, train_out, val_out)
     robustness, choices = config.robustness, config.validation
     calibrated = calibrate(val_out, robustness.calibrate, robustness.binary_score)
     binary_threshold, binary_rule = choose_binary_threshold(
@@ -446,6 +489,7 @@ def fit_references(
         binary_threshold, binary_rule, knn, knn_val_accuracy, normal_reference, anomaly_kind,
         anomaly_scores, calibrated, val_out,
         extractor.set_memory(memory.features) if kept else None, memory if kept else None,
+        scope, scope_reference,
     )  # fmt: skip
     log(
         f"binary threshold {binary_threshold:.4f} (validation {binary_rule['validation']}); "
@@ -613,6 +657,7 @@ def build_card(
             "test": data.fingerprint(splits.test_images),
         },
     }
+    card["scope"] = scope_card(references.scope_reference)
     if references.patchcore is not None:
         memory = references.patch_memory
         card["models"]["patchcore"] = {
@@ -629,6 +674,36 @@ def build_card(
             "reduction": memory.reduction,
         }
     return card
+
+
+def scope_card(reference: ScopeReference | None) -> dict:
+    """The card's account of the scope check (issue 33): what is in scope and how it is told."""
+    from pneumo_ray.io.images import CHEST_BODY_PARTS, MAX_AGE_YEARS, RADIOGRAPH_MODALITIES
+
+    metadata = {
+        "modality": sorted(RADIOGRAPH_MODALITIES),
+        "body_part_examined": sorted(CHEST_BODY_PARTS) + ["(absent)"],
+        "view_position": "not lateral or oblique",
+        "training_ages_years": [1, 5],
+        "max_age_years": MAX_AGE_YEARS,
+        "photometric": "monochrome (DICOM); no colour (JPEG, PNG)",
+    }
+    if reference is None:
+        return {"available": False, "metadata": metadata,
+                "why": "no packaged ImageNet weights (the pretrained extra)"}  # fmt: skip
+    return {
+        "available": True,
+        "architecture": SCOPE_ARCHITECTURE,
+        "metadata": metadata,
+        "pixels": "Mahalanobis distance (Ledoit-Wolf) to Gaussians of the training images: "
+        "pooled frozen ImageNet features (mean and std per channel after the stride-8, -16, "
+        "-32 stages) and the three-class CNN's embedding; scope_score = the larger distance "
+        "over its threshold; in scope when <= 1",
+        "fit_images": reference.fit_images,
+        "threshold_rule": f"{reference.percentile:g}th percentile of the distances of "
+        f"{reference.threshold_images} validation images (held-out training-site images)",
+        "thresholds": {kind: g.threshold for kind, g in reference.gaussians.items()},
+    }
 
 
 def drift_reference(bundle: Bundle, val_out: dict, splits: Splits):
@@ -765,6 +840,8 @@ def _train(config: TrainConfig, tracker: NullTracker) -> dict:
         normal_reference=references.normal_reference,
         patchcore=references.patchcore,
         patch_memory=references.patch_memory,
+        scope=references.scope,
+        scope_reference=references.scope_reference,
         **models,
     )
     bundle.drift_reference = drift_reference(bundle, references.validation_outputs, splits)

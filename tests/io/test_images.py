@@ -7,7 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumo_ray.io.images import BatchAugment, ImageDecodeError, decode_image, to_model_input
+from pneumo_ray.io.images import (
+    BatchAugment,
+    ImageDecodeError,
+    decode_image,
+    scope_note,
+    to_model_input,
+)
 
 from ..conftest import CHEST_XRAY, FULLRES
 
@@ -262,12 +268,63 @@ def test_a_dicom_codec_that_is_missing_names_the_transfer_syntax():
 
 
 @pytest.mark.parametrize("view", ["LL", "RL", "RLO", "lateral"])
-def test_a_lateral_or_oblique_dicom_view_is_refused(tmp_path, view):
+def test_a_lateral_or_oblique_dicom_view_decodes_and_is_out_of_scope(tmp_path, view):
     from ..dicom import write_dicom
 
     write_dicom(tmp_path / "lat.dcm", _gradient((64, 64)), view=view)
-    with pytest.raises(ImageDecodeError, match=f"not a frontal chest view .*{view.upper()}"):
-        decode_image((tmp_path / "lat.dcm").read_bytes(), 32)
+    data = (tmp_path / "lat.dcm").read_bytes()
+    assert decode_image(data, 32).std() > 10  # a picture, not an error row
+    assert scope_note(data).startswith(
+        f"lateral or oblique view: DICOM ViewPosition {view.upper()}"
+    )
+
+
+@pytest.mark.parametrize(
+    "tags, kind",
+    [
+        ({"modality": "CT"}, "not a radiograph: DICOM Modality CT"),
+        ({"modality": "MR"}, "not a radiograph"),
+        ({"BodyPartExamined": "KNEE"}, "not a chest film: DICOM BodyPartExamined KNEE"),
+        ({"PatientAge": "045Y"}, "not a child: DICOM PatientAge 045Y"),
+        ({"PatientAge": "011Y"}, "not a child"),
+        ({"PatientAge": "036M"}, ""),  # three years: in scope
+        ({"PatientAge": "010Y"}, ""),  # the margin's edge
+        ({"BodyPartExamined": "CHEST", "modality": "CR", "PatientAge": "004Y"}, ""),
+        ({}, ""),  # no tags beyond a DX modality: nothing to object to
+    ],
+)
+def test_dicom_metadata_scope_rules(tmp_path, tags, kind):
+    from ..dicom import write_dicom
+
+    write_dicom(tmp_path / "a.dcm", _gradient((64, 64)), **tags)
+    note = scope_note((tmp_path / "a.dcm").read_bytes())
+    assert note.startswith(kind) if kind else note == ""
+
+
+def test_a_dicom_without_modality_and_a_colour_capture(tmp_path):
+    from ..dicom import write_dicom, write_rgb_dicom
+
+    write_dicom(tmp_path / "a.dcm", _gradient((64, 64)), modality="")
+    assert scope_note((tmp_path / "a.dcm").read_bytes()) == ""
+    rgb = np.zeros((64, 64, 3), dtype=np.uint8)
+    rgb[..., 0] = 200
+    write_rgb_dicom(tmp_path / "c.dcm", rgb)
+    # a secondary capture's modality (OT) already says it is no radiograph
+    assert scope_note((tmp_path / "c.dcm").read_bytes()).startswith(
+        "not a radiograph: DICOM Modality OT"
+    )
+
+
+def test_a_colour_photograph_is_out_of_scope_and_a_grey_film_in_rgb_is_not():
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)
+    grey = np.repeat(rng.integers(0, 256, (80, 80, 1), dtype=np.uint8), 3, axis=2)
+    for pixels, expected in ((photo, "colour image"), (grey, "")):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=95)
+        note = scope_note(buffer.getvalue())
+        assert note.startswith(expected) if expected else note == ""
+    assert scope_note(b"not an image at all") == ""  # the decoder's to refuse, not this
 
 
 @pytest.mark.parametrize("view", ["PA", "AP", "LLD", "", None])

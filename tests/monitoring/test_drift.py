@@ -139,3 +139,32 @@ def test_psi_of_a_run_against_itself_is_zero_only_without_a_shift(shift):
     profile.add(_rows(400, 5, mean_shift=shift))
     psi = profile.drift()["image_mean"]["psi"]
     assert (psi == 0.0) if shift == 0.0 else (psi > 1.0)
+
+
+def test_out_of_scope_images_are_counted_by_reason_and_left_out_of_the_other_statistics():
+    reference = _reference()
+    assert all(reference.column("in_scope").to_pylist())  # a check not run counts in scope
+    rows = _rows(2000, 9)
+    n = rows.num_rows
+    outside = np.zeros(n, dtype=bool)
+    outside[:600] = True  # 30% CT slices tonight
+    reasons = np.where(np.arange(n) < 400, "not a radiograph: DICOM Modality CT",
+                       "far from the training images: scope score 3.10 > 1")  # fmt: skip
+    # the CT slices are dark: were they counted, the image mean would drift
+    mean = rows.column("image_mean").to_numpy().copy()
+    mean[outside] -= 0.3
+    for name, values in (
+        ("in_scope", pa.array(~outside)),
+        ("scope_reason", pa.array(np.where(outside, reasons, None).tolist(), pa.string())),
+        ("image_mean", pa.array(mean.astype(np.float32))),
+    ):
+        rows = rows.set_column(rows.schema.get_field_index(name), name, values)
+    profile = RunProfile(reference)
+    profile.add(rows)
+    verdicts = profile.drift()
+    assert verdicts["in_scope"]["drift"]  # the share out of scope is itself an alert
+    assert not verdicts["image_mean"]["drift"]  # over the in-scope images only
+    assert profile.images == n - 600
+    assert profile.out_of_scope == {"not a radiograph": 400, "far from the training images": 200}
+    assert len(profile.out_of_scope_examples) == 8
+    assert profile.out_of_scope_examples[0]["scope_reason"].startswith("not a radiograph")

@@ -59,7 +59,8 @@ def row_by_row(actor: BundlePredictor, batch: dict, now: dt.datetime) -> pa.Tabl
 
     def column(name: str) -> pa.Array:
         values: list = [None] * n
-        for row, value in zip(index, predictions.get(name, []), strict=True):
+        missing = [None] * len(index)  # a column the bundle does not compute: null
+        for row, value in zip(index, predictions.get(name, missing), strict=True):
             values[row] = value.tolist() if isinstance(value, np.ndarray) else value
         return pa.array(values, type=OUTPUT_SCHEMA.field(name).type)
 

@@ -52,6 +52,13 @@ def check_rows(table, bundle):
     assert len(ok) and ok["p_pneumonia"].between(0, 1).all()
     total = ok["p_normal"] + ok["p_bacterial"] + ok["p_viral"]
     np.testing.assert_allclose(total, 1.0, rtol=1e-5)
+    # the scope check: out of scope, a reason and no call; in scope, no reason
+    assert ok["in_scope"].notna().all() and ok["scope_score"].notna().all()
+    outside = ok[~ok["in_scope"].astype(bool)]
+    assert outside[["pred_binary", "pred_class", "knn_label"]].isna().all().all()
+    assert outside["scope_reason"].notna().all() and outside["heatmap_uri"].isna().all()
+    ok = ok[ok["in_scope"].astype(bool)]
+    assert len(ok) and ok["scope_reason"].isna().all()
     threshold = card["models"]["binary"]["threshold"]
     expected = np.where(ok["p_pneumonia"] >= threshold, "pneumonia", "normal")
     assert (ok["pred_binary"] == expected).all()
@@ -151,8 +158,11 @@ def test_dicom_images_are_scored(trained, tmp_path, job_env):
     score(bundle, [folder], output, job_env)
     df = check_rows(read_scores(str(output)), bundle).set_index("image_uri")
     lateral = df.loc[str(folder / "lateral.dcm")]
-    assert "not a frontal chest view" in lateral["error"] and lateral["error_kind"] == "permanent"
-    assert pd.isna(lateral["p_pneumonia"])
+    # scored, but out of scope: its probabilities stay, marked, and it gets no call
+    assert pd.isna(lateral["error"]) and not lateral["in_scope"]
+    assert lateral["scope_reason"].startswith("lateral or oblique view: DICOM ViewPosition LL")
+    assert pd.isna(lateral["pred_binary"]) and pd.isna(lateral["pred_class"])
+    assert 0 <= lateral["p_pneumonia"] <= 1
     df = df.drop(index=str(folder / "lateral.dcm"))
     assert len(df) == 8 and df["error"].isna().all()
     for dcm in (u for u in df.index if u.endswith(".dcm")):
