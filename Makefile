@@ -13,7 +13,7 @@ DEMO_FLAGS ?= --image-size 64 --epochs 5 --lr-binary 1e-3
 # torch/torchvision pinned to the releases this machine has on disk (pyproject caps them).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo demo-jobs test test-fast quality site-adaptation device-check lint format venv clean
+.PHONY: demo demo-jobs test test-fast quality site-adaptation device-check docs docs-build lint format venv clean
 
 venv: $(VENV)/.installed
 
@@ -61,9 +61,17 @@ site-adaptation: venv
 device-check: venv
 	$(PY) benchmarks/device_check.py --data $(QUALITY_DATA) --fullres ../shared/data/chest_xray_fullres
 
-test: venv
+test: venv docs-build
 	$(PY) -m ruff check pneumo_ray jobs benchmarks tests
 	$(PY) -m pytest
+
+# The manual (docs/, MkDocs): a strict build fails on a broken link or a missing page; the job
+# options pages are generated from the parsers at build time (docs/hooks.py).
+docs-build: venv
+	cd $(HERE) && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+docs: venv
+	cd $(HERE) && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
 
 # Between edits: the tests that start no Ray and train nothing (about a minute here).
 test-fast: venv

@@ -161,6 +161,18 @@ def scope_inputs(bundle, pixels: np.ndarray) -> dict[str, np.ndarray]:
     return scope_features(raw)
 
 
+def with_shifted(bundle, images, pixels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Scope features of the images as they are and acquisition-shifted (as training fits)."""
+    from pneumo_ray.io.images import acquisition_shifted
+
+    uris = np.array([image.uri for image in images], dtype=object)
+    batches = [{"image_uri": uris[i : i + 64], "image": pixels[i : i + 64]}
+               for i in range(0, len(pixels), 64)]  # fmt: skip
+    shifted = np.concatenate([acquisition_shifted(batch, seed)["image"] for batch in batches])
+    clean, moved = scope_inputs(bundle, pixels), scope_inputs(bundle, shifted)
+    return {kind: np.concatenate([clean[kind], moved[kind]]) for kind in clean}
+
+
 def load_pixels(images, size: int) -> np.ndarray:
     return np.stack([load_image(image.uri, size) for image in images])
 
@@ -188,9 +200,13 @@ def main(argv: list[str] | None = None) -> dict:
         val_uris = {image.uri for image in val}
         train = [i for i in list_store(card["training"]["config"]["data"])
                  if i.split in ("train", "val") and i.uri not in val_uris]  # fmt: skip
-        train_features = scope_inputs(bundle, load_pixels(train, size))
-        reference = ScopeReference.fit(train_features, val_features)
-        how = f"fitted here on {len(train)} training images, as training fits it"
+        seed = card["training"]["config"]["seed"]
+        reference = ScopeReference.fit(
+            with_shifted(bundle, train, load_pixels(train, size), seed),
+            with_shifted(bundle, val, val_pixels, seed + 1),
+        )
+        how = (f"fitted here on {len(train)} training images, clean and acquisition-shifted, "
+               "as training fits it")  # fmt: skip
     test = [image for image in list_store(store) if image.split == "test"]
     groups = {
         "validation (in scope)": val_features,

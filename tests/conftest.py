@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
 CHEST_XRAY = SHARED_DATA / "chest_xray"
 FULLRES = SHARED_DATA / "chest_xray_fullres"
 

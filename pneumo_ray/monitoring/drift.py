@@ -172,6 +172,14 @@ class _Histogram:
             self.run_n += len(values)
 
 
+def in_scope_rows(table: pa.Table) -> pa.Table:
+    """The rows not marked out of scope (a table without the column: all of them)."""
+    if "in_scope" not in table.column_names:
+        return table
+    outside = pc.fill_null(pc.equal(table.column("in_scope"), False), False)
+    return table.filter(pc.invert(outside))
+
+
 def drift_between(
     reference: pa.Table, rows: pa.Table, names: tuple[str, ...], rule: dict | None = None
 ) -> dict[str, dict]:
@@ -182,11 +190,12 @@ def drift_between(
     for stat in STATISTICS:
         if stat.name not in names:
             continue
-        values = _values(reference, stat)
+        scoped = stat.name != "in_scope"  # every other statistic over the images in scope
+        values = _values(in_scope_rows(reference) if scoped else reference, stat)
         if not len(values):
             continue
         histogram = _Histogram(stat, values, rule["bins"])
-        histogram.add(_values(rows, stat))
+        histogram.add(_values(in_scope_rows(rows) if scoped else rows, stat))
         verdicts[stat.name] = compare_counts(histogram.reference, histogram.run, rule)
     return verdicts
 
@@ -200,13 +209,16 @@ class RunProfile:
         self.reference_images = 0 if reference is None else reference.num_rows
         self.histograms: dict[str, _Histogram] = {}
         if reference is not None and reference.num_rows:
+            inside = in_scope_rows(reference)  # as the run's rows are counted
             for stat in STATISTICS:
-                values = _values(reference, stat)
+                values = _values(reference if stat.name == "in_scope" else inside, stat)
                 if len(values):
                     self.histograms[stat.name] = _Histogram(stat, values, self.rule["bins"])
         self.images = 0
         self.flagged = {"binary": 0, "anomaly": 0, "either": 0}
-        self.reference_flagged = _flag_counts(*_flags(reference)) if reference is not None else None
+        self.reference_flagged = (
+            _flag_counts(*_flags(in_scope_rows(reference))) if reference is not None else None
+        )
         self.top: list[tuple[float, int, dict]] = []  # min-heap on p_pneumonia
         self._order = 0
         # A uniform sample of the run's (image_uri, p_pneumonia), bounded (reservoir sampling,
@@ -227,7 +239,7 @@ class RunProfile:
         self._count_out_of_scope(ok)
         if "in_scope" in self.histograms:
             self.histograms["in_scope"].add(_values(ok, self.histograms["in_scope"].stat))
-        ok = ok.filter(pc.invert(pc.fill_null(pc.equal(ok.column("in_scope"), False), False)))
+        ok = in_scope_rows(ok)
         if not ok.num_rows:
             return
         self.images += ok.num_rows

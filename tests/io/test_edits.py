@@ -127,3 +127,17 @@ def test_paste_stamps_burns_text_into_the_border_only():
     assert changed.any(dim=(1, 2)).all()  # every image got its stamps
     centre = changed[:, 40:88, 40:88]
     assert not centre.any()  # markers sit at the corners and edges, not on the lungs
+
+
+def test_acquisition_shifted_copies_are_seeded_by_their_rows():
+    from pneumo_ray.io.images import acquisition_shifted
+
+    batch = {"image_uri": np.array(["/a.jpeg", "/b.jpeg"], dtype=object), "image": films(2, 48)}
+    first, again = acquisition_shifted(batch, 1)["image"], acquisition_shifted(batch, 1)["image"]
+    other = acquisition_shifted(batch, 2)["image"]
+    assert first.shape == batch["image"].shape and first.dtype == np.uint8
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    assert not np.array_equal(first, batch["image"])
+    state = torch.random.get_rng_state()
+    acquisition_shifted(batch, 3)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's generator untouched
