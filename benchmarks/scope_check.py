@@ -185,6 +185,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="bundle folder or URI")
     parser.add_argument("--data", help="the store whose test split is scored (default: card's)")
+    parser.add_argument(
+        "--fit-images",
+        type=int,
+        default=0,
+        help="a bundle without a scope reference: fit it on a seeded draw of this many training "
+        "images (0: all, as training does)",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -201,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
         train = [i for i in list_store(card["training"]["config"]["data"])
                  if i.split in ("train", "val") and i.uri not in val_uris]  # fmt: skip
         seed = card["training"]["config"]["seed"]
+        if args.fit_images and len(train) > args.fit_images:
+            keep = np.random.default_rng(seed).choice(len(train), args.fit_images, replace=False)
+            train = [train[i] for i in sorted(keep)]
         reference = ScopeReference.fit(
             with_shifted(bundle, train, load_pixels(train, size), seed),
             with_shifted(bundle, val, val_pixels, seed + 1),

@@ -5,6 +5,7 @@ against the project's."""
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import subprocess
@@ -13,6 +14,11 @@ import tomllib
 import jsonschema
 import pytest
 import yaml
+
+try:  # libyaml's parser: the CRDs are 3 MB of YAML
+    from yaml import CSafeLoader as SafeLoader
+except ImportError:  # pragma: no cover
+    from yaml import SafeLoader
 
 from pneumo_ray import cli
 
@@ -33,8 +39,9 @@ PARSERS = {
 }
 
 
+@functools.cache
 def crd_schema(kind: str, version: str) -> dict:
-    crd = yaml.safe_load((CRDS / CRD_FILES[kind]).read_text())
+    crd = yaml.load((CRDS / CRD_FILES[kind]).read_text(), Loader=SafeLoader)
     (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     return served["schema"]["openAPIV3Schema"]
 
