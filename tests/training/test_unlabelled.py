@@ -192,6 +192,10 @@ def test_a_one_class_store_is_warned_about_and_its_prior_bounded(capsys, monkeyp
     raw["multiclass_logits"] = np.tile(np.float32([-9.0, 9.0, 0.0]), (n, 1))
     prior = unlabelled.estimate_class_prior(bundle, raw)
     assert prior["binary"]["site"] <= calibration.PRIOR_RANGE[1] + 1e-9
+    # bacterial and viral keep the training proportion (40:30); the normal share is the binary's
+    normal, bacterial, viral = prior["multiclass"]["site"]
+    assert bacterial / viral == pytest.approx(40 / 30)
+    assert normal == pytest.approx(1 - prior["binary"]["site"])
     assert "look like one class" in capsys.readouterr().out
 
 
