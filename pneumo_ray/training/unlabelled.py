@@ -19,8 +19,9 @@ Two steps, each taken only when the site's images say it is needed:
    different mix of classes is a known way to hurt it.
 2. **The class balance (Saerens, Latinne and Decaestecker 2002)**: the site's share of each
    class is estimated by EM on the calibrated posteriors of its images, and the probabilities
-   move from the training prior to the site's (for p_pneumonia and the three-class
-   probabilities alike), when the estimate differs from the training prior by more than
+   move from the training prior to the site's (for p_pneumonia, and for the three-class
+   probabilities with their normal share from it and bacterial and viral in the training
+   proportion), when the estimate differs from the training prior by more than
    sampling noise (3 standard errors of a share over this many images). The binary threshold
    stays where the card has it: it is a cut-off on the posterior probability, which now
    answers for the site's mix of children.
