@@ -204,3 +204,23 @@ def test_the_training_console_shows_epochs_and_no_ray_info(trained):
     for network in ("binary", "multiclass", "autoencoder"):
         assert re.search(rf"^\[{network}\] epoch 1/\d+ train_loss=\S+ val_loss=", log, re.M)
     assert re.search(r"^\[binary\] epoch \d+/\d+ .*val_accuracy=", log, re.M)
+
+
+def test_the_out_of_scope_section_counts_reasons_and_says_when_the_check_is_missing(tmp_path):
+    from pneumo_ray.scoring.run_report import _scope
+
+    image = tmp_path / "ct.png"
+    Image.new("L", (64, 64), 90).save(image)
+    summary = {
+        "scope": {
+            "available": True,
+            "what": "in scope: a frontal chest X-ray of a child",
+            "out_of_scope": {"not a radiograph": 3, "far from the training images": 1},
+            "examples": [{"image_uri": str(image), "scope_reason": "not a radiograph: DICOM "
+                          "Modality CT", "scope_score": 2.5, "p_pneumonia": 0.9}],
+        }
+    }  # fmt: skip
+    html = _scope(summary)
+    assert "not a radiograph" in html and ">3<" in html and "data:image/jpeg;base64," in html
+    summary["scope"].update(available=False, out_of_scope={}, examples=[])
+    assert "scope check was not available" in _scope(summary)
