@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pneumo_ray.cli import user_errors  # noqa: E402
 from pneumo_ray.io.data import list_store, load_image  # noqa: E402
 
-PYDICOM_SLICES = ("CT_small.dcm", "MR_small.dcm", "liver_1frame.dcm", "emri_small.dcm")
+PYDICOM_SLICES = ("CT_small.dcm", "MR_small.dcm", "liver_1frame.dcm")  # shipped in the wheel
 MATPLOTLIB_PICTURES = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
 
 
