@@ -235,7 +235,7 @@ def subset_store(tmp_path_factory):
 
 TRAIN_ARGS = [
     "--image-size", str(SIZE), "--epochs", "4", "--lr-binary", "1e-3", "--seed", "1",
-    "--lr-schedule", "cosine", "--weight-decay", "1e-4",
+    "--lr-schedule", "cosine", "--weight-decay", "1e-4", "--counterfactual-images", "10",
 ]  # fmt: skip
 
 

@@ -221,6 +221,16 @@ def label_of(uri: str) -> str:
     return class_label(folder, name)
 
 
+def fill_in(path, rows: list[dict]) -> None:
+    """The labelling list as a radiologist gives it back: every label written in."""
+    for row in rows:
+        row["label"] = label_of(row["image_uri"])
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, LABELLING_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def test_the_labelling_list_is_a_labels_manifest_once_filled_in(tmp_path):
     uris = [str(p) for folder in ("NORMAL", "PNEUMONIA")
             for p in sorted((CHEST_XRAY / "test" / folder).glob("*.jpeg"))[:10]]  # fmt: skip
@@ -233,12 +243,7 @@ def test_the_labelling_list_is_a_labels_manifest_once_filled_in(tmp_path):
     assert all(row["label"] == "" for row in rows)
     with pytest.raises(ValueError, match="label"):
         list_labels_manifest(str(path))  # not filled in yet: refused, naming the row
-    for row in rows:
-        row["label"] = label_of(row["image_uri"])
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, LABELLING_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    fill_in(path, rows)
     images = list_labels_manifest(str(path))
     assert sorted(i.uri for i in images) == sorted(row["image_uri"] for row in rows)
     assert {i.label for i in images} <= set(CLASS_LABELS)
@@ -269,12 +274,7 @@ def test_unlabelled_adapt_job_writes_a_new_bundle_and_a_labelling_list_it_takes_
 
     rows = list(csv.DictReader(to_label.open()))
     assert len(rows) == 12
-    for row in rows:
-        row["label"] = label_of(row["image_uri"])
-    with to_label.open("w", newline="") as f:
-        writer = csv.DictWriter(f, LABELLING_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    fill_in(to_label, rows)
     labelled = run_job(
         "adapt.py", "--model", str(output), "--data", str(to_label),
         "--output", str(tmp_path / "labelled"), env=job_env,
