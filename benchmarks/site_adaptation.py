@@ -27,7 +27,14 @@ range over the draws. ``--validation`` uses the bundle's own validation images (
 site) as the site: what adapting costs where nothing needed adapting.
 
     python benchmarks/site_adaptation.py --model BUNDLE --data STORE --curve \
-        [--labels 0,20,50,100,200,all] [--draws 5] [--rules spread,random] [--validation]
+        [--labels 0,20,50,100,200,all] [--draws 5] [--rules spread,random] [--validation] \
+        [--fine-tune [--fine-tune-min 100]]
+
+``--fine-tune`` adds, where a half gives at least ``--fine-tune-min`` labels, the rows
+``<rule>+ft``: both CNNs' heads refitted on those labelled images and 200 training images of
+each class (``pneumo_ray.training.finetune``), cross-fitted by patient within the labelled
+images, before the operating point is set on their out-of-fold outputs. The KNN keeps the
+trained network's outputs (its references were built from them).
 """
 
 from __future__ import annotations
@@ -143,8 +150,65 @@ def choose_labelled(bundle, raw, fit_rows, n, rule, seed):
     return fit_rows[chosen]
 
 
-def curve(base, images, pixels, labels_to_try, draws, rule_names) -> dict:
-    """Per draw, label count and rule: the figures of the two halves' pooled predictions."""
+FINE_TUNE_MIN_LABELS = 100  # issue 32, point 4: "where labels allow, for example >= 100"
+TRAIN_IMAGES_PER_CLASS = 200  # the training images the fine-tuned heads also see
+
+
+def training_head_inputs(base, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The backbone features (``head_inputs``) of a seeded draw of the bundle's training
+    images, TRAIN_IMAGES_PER_CLASS of each class, for each CNN; and their class indices."""
+    import random
+
+    from pneumo_ray.training.evaluation import training_split
+    from pneumo_ray.training.finetune import head_inputs
+
+    train = training_split(base.card)[0]
+    rng, drawn = random.Random(seed), []
+    for label in CLASS_LABELS:
+        of_label = sorted((i for i in train if i.label == label), key=lambda i: i.uri)
+        drawn += rng.sample(of_label, min(TRAIN_IMAGES_PER_CLASS, len(of_label)))
+    pixels = np.stack([load_image(image.uri, base.image_size) for image in drawn])
+    targets = np.array([CLASS_LABELS.index(image.label) for image in drawn])
+    features = {name: head_inputs(getattr(base, name), pixels, base.tta) for name in NETS}
+    return features, targets
+
+
+NETS = ("binary", "multiclass")
+
+
+def fine_tuned(bundle, raw, site_features, train, rows, label_index, groups, seed):
+    """``raw`` with both CNNs' logits from heads fine-tuned on the labelled ``rows`` and the
+    training images (``finetune.cross_fitted_logits``: out-of-fold on ``rows``); the KNN
+    keeps the trained three-class network's outputs, which its references were built from."""
+    from pneumo_ray.models.calibration import sigmoid
+    from pneumo_ray.training.finetune import FineTuneSettings, cross_fitted_logits
+
+    train_features, train_targets = train
+    settings = FineTuneSettings(seed=seed)
+    out = dict(raw)
+    for name in NETS:
+        to_binary = (lambda t: (t > 0).astype(np.int64)) if name == "binary" else (lambda t: t)
+        out[name + ("_logit" if name == "binary" else "_logits")] = cross_fitted_logits(
+            getattr(bundle, name), site_features[name], rows, to_binary(label_index[rows]),
+            groups, train_features[name], to_binary(train_targets), settings,
+        )  # fmt: skip
+    out["p_pneumonia"] = sigmoid(out["binary_logit"]).astype(np.float32)
+    return out
+
+
+def curve(
+    base,
+    images,
+    pixels,
+    labels_to_try,
+    draws,
+    rule_names,
+    fine_tune_train=None,
+    fine_tune_min_labels=FINE_TUNE_MIN_LABELS,
+) -> dict:
+    """Per draw, label count and rule: the figures of the two halves' pooled predictions.
+    With ``fine_tune_train`` (``training_head_inputs``), label counts of at least
+    ``fine_tune_min_labels`` also get the rule ``<rule>+ft``: the heads fine-tuned as well."""
     from pneumo_ray.errors import SiteError
     from pneumo_ray.training.adaptation import SiteRules, with_patch_distances
     from pneumo_ray.training.evaluation import headline_figures
@@ -153,6 +217,7 @@ def curve(base, images, pixels, labels_to_try, draws, rule_names) -> dict:
     sizes = [image.size for image in images]
     labels = np.array([image.label for image in images])
     label_index = np.array([CLASS_LABELS.index(label) for label in labels])
+    groups = np.array([image.patient_id for image in images])
     rules = SiteRules.from_card(base.card)
     results: dict[tuple, list[dict]] = {}
     for draw in range(draws):
@@ -166,26 +231,40 @@ def curve(base, images, pixels, labels_to_try, draws, rule_names) -> dict:
                   f"{'re-estimated' if record['batchnorm']['adapted'] else 'kept'}, pneumonia "
                   f"share {record['class_prior']['binary']['site']:.3f} (applied: "
                   f"{record['class_prior']['binary']['applied']})", flush=True)  # fmt: skip
+            site_features = None
+            if fine_tune_train is not None:
+                from pneumo_ray.training.finetune import head_inputs
+
+                site_features = {
+                    net: head_inputs(getattr(bundle, net), pixels, bundle.tta) for net in NETS
+                }
             for n in labels_to_try:
                 for rule in rule_names if n not in (0, None) else ["-"]:
-                    if n == 0:
-                        predictor = bundle
-                    else:
+                    variants = [(rule, raw)]
+                    rows = fit_rows
+                    if n != 0:
                         rows = choose_labelled(bundle, raw, fit_rows, n, rule, draw)
+                        if site_features is not None and len(rows) >= fine_tune_min_labels:
+                            tuned = fine_tuned(bundle, raw, site_features, fine_tune_train,
+                                               rows, label_index, groups, draw)  # fmt: skip
+                            variants.append(((rule if rule != "-" else "") + "+ft", tuned))
+                    for name, columns in variants:
+                        key = (n, name)
+                        if key in pooled and pooled[key] is None:
+                            continue
                         try:
-                            predictor = labelled_on(bundle, raw, images, rows, rules)
+                            predictor = bundle
+                            if n != 0:
+                                predictor = labelled_on(bundle, columns, images, rows, rules)
                         except SiteError:  # one class among the chosen images
-                            predictor = None
-                    key = (n, rule)
-                    if predictor is None:
-                        pooled[key] = None
-                        continue
-                    if key in pooled and pooled[key] is None:
-                        continue
-                    out = predictor.finish(with_patch_distances(predictor, take(raw, predict_rows)))
-                    out["label"] = labels[predict_rows]
-                    for column, value in out.items():
-                        pooled.setdefault(key, {}).setdefault(column, []).append(value)
+                            pooled[key] = None
+                            continue
+                        out = predictor.finish(
+                            with_patch_distances(predictor, take(columns, predict_rows))
+                        )
+                        out["label"] = labels[predict_rows]
+                        for column, value in out.items():
+                            pooled.setdefault(key, {}).setdefault(column, []).append(value)
         for key, columns in pooled.items():
             if columns is None:
                 continue
@@ -196,12 +275,12 @@ def curve(base, images, pixels, labels_to_try, draws, rule_names) -> dict:
 
 def print_curve(results: dict, as_trained: dict, draws: int) -> dict:
     """The curve's table: median [min-max] over the draws; returns it as a dict."""
-    header = f"{'labels':>7} {'rule':<7}" + "".join(
+    header = f"{'labels':>7} {'rule':<9}" + "".join(
         f" {m[:5]}.{f[:11]:<11}" for m, f in CURVE_FIGURES
     )
     print("\n" + header)
     table = {}
-    print(f"{'trained':>7} {'-':<7}" + "".join(
+    print(f"{'trained':>7} {'-':<9}" + "".join(
         f" {as_trained[m][f]:>17.3f}" for m, f in CURVE_FIGURES))  # fmt: skip
     order = sorted(
         results.items(), key=lambda kv: (10**9 if kv[0][0] is None else kv[0][0], kv[0][1])
@@ -220,7 +299,7 @@ def print_curve(results: dict, as_trained: dict, draws: int) -> dict:
                 f"{np.nanmedian(values):.3f} [{np.nanmin(values):.3f}-{np.nanmax(values):.3f}]"
             )
         label = "all" if n is None else str(n)
-        print(f"{label:>7} {rule:<7} " + " ".join(f"{c:>17}" for c in cells)
+        print(f"{label:>7} {rule:<9} " + " ".join(f"{c:>17}" for c in cells)
               + (f"  ({len(runs)} of {draws} draws)" if len(runs) < draws else ""))  # fmt: skip
         table[f"{label}/{rule}"] = row
     return table
@@ -236,7 +315,10 @@ def curve_main(args, base, images, pixels) -> dict:
     as_trained = base.finish(with_patch_distances(base, raw))
     as_trained["label"] = np.array([image.label for image in images])
     trained_figures = headline_figures(as_trained)
-    results = curve(base, images, pixels, labels_to_try, args.draws, rule_names)
+    train = training_head_inputs(base) if args.fine_tune else None
+    results = curve(
+        base, images, pixels, labels_to_try, args.draws, rule_names, train, args.fine_tune_min
+    )
     print(
         "\nLearning curve: each half of the site's patients predicted by the bundle adapted on "
         "the other half (unlabelled images, then N labelled ones); median [min-max] over "
@@ -263,6 +345,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--labels", default="0,20,50,100,200,all", help="--curve: label counts")
     parser.add_argument("--draws", type=int, default=5, help="--curve: patient draws")
     parser.add_argument("--rules", default="spread,random", help="--curve: labelling rules")
+    parser.add_argument(
+        "--fine-tune",
+        action="store_true",
+        help="--curve: also fine-tune the CNNs' heads where a half gives at least "
+        "--fine-tune-min labels (rules '<rule>+ft')",
+    )
+    parser.add_argument(
+        "--fine-tune-min",
+        type=int,
+        default=FINE_TUNE_MIN_LABELS,
+        help=f"--fine-tune: the fewest labels to fine-tune on (default {FINE_TUNE_MIN_LABELS})",
+    )
     parser.add_argument(
         "--validation",
         action="store_true",

@@ -382,6 +382,11 @@ def split_images(store: str, split: str) -> list:
 def validation_images(card: dict) -> list:
     """A bundle's validation images, split again from its card's settings (store, limit,
     validation fraction, seed): the images its thresholds and checks were chosen on."""
+    return training_split(card)[1]
+
+
+def training_split(card: dict) -> tuple[list, list]:
+    """A bundle's training and validation images, split again from its card's settings."""
     from pneumo_ray.io.labels import limit_per_class, split_by_patient
 
     config = card["training"]["config"]
@@ -390,7 +395,7 @@ def validation_images(card: dict) -> list:
         config["limit"],
         config["seed"],
     )
-    return split_by_patient(pool, config["val_fraction"], config["seed"])[1]
+    return split_by_patient(pool, config["val_fraction"], config["seed"])
 
 
 def decode_images(images: list, image_size: int) -> data.DecodedSplit:

@@ -44,9 +44,11 @@ def test_the_learning_curve_has_a_row_per_label_count_and_rule(trained):
     data = json.loads((bundle / "card.json").read_text())["training"]["config"]["data"]
     summary = load_benchmark("site_adaptation").main(
         ["--model", str(bundle), "--data", data, "--curve", "--labels", "0,30,all",
-         "--draws", "2", "--rules", "spread,random"]
+         "--draws", "2", "--rules", "spread,random", "--fine-tune", "--fine-tune-min", "30"]
     )  # fmt: skip
-    assert set(summary["curve"]) == {"0/-", "30/spread", "30/random", "all/-"}
+    assert set(summary["curve"]) == {
+        "0/-", "30/spread", "30/random", "all/-", "30/spread+ft", "30/random+ft", "all/+ft"
+    }  # fmt: skip
     for row in summary["curve"].values():
         specificity = row["binary.specificity"]
         assert len(specificity["values"]) == 2  # one figure per patient draw
@@ -55,6 +57,10 @@ def test_the_learning_curve_has_a_row_per_label_count_and_rule(trained):
     # with every label of the half, both rules take the same images: one row, not two
     assert "all/spread" not in summary["curve"]
     assert summary["as_trained"]["binary"]["roc_auc"] > 0.5
+    # Fine-tuned heads can move the ranking that re-chosen thresholds keep.
+    kept, tuned = summary["curve"]["all/-"], summary["curve"]["all/+ft"]
+    assert kept["binary.roc_auc"]["values"] != tuned["binary.roc_auc"]["values"]
+    assert np.isfinite(tuned["multiclass.accuracy"]["values"]).all()
 
 
 def test_the_benchmark_needs_a_store_or_the_bundles_validation(capsys):
