@@ -109,23 +109,34 @@ def copied(bundle):
     return twin
 
 
-def adapted_unlabelled(base, pixels, uris, sizes, fit_rows):
+def adapted_unlabelled(base, pixels, uris, sizes, fit_rows, base_raw):
     """``base`` adapted on the unlabelled images ``fit_rows`` (in-process), and its networks'
-    outputs on every image."""
+    outputs on every image. ``base_raw``: the base bundle's outputs on every image, which
+    stand for the adapted bundle's where its BatchNorm statistics were kept (the networks
+    then run only after a re-estimation)."""
     from pneumo_ray.training.adaptation import with_patch_distances
     from pneumo_ray.training.unlabelled import adapt_unlabelled
 
     def outputs(bundle, rows):
-        raw = network_outputs_of(bundle, pixels[rows])
+        raw = dict(network_outputs_of(bundle, pixels[rows])) if bundle is not None else None
+        raw = take(base_raw, rows) if raw is None else raw
         raw["image_uri"] = uris[rows]
         return raw
+
+    calls = []
+
+    def run_networks(bundle):  # the first call sees the base networks; a second, re-estimated
+        calls.append(bundle)
+        return with_patch_distances(bundle, outputs(bundle if len(calls) > 1 else None, fit_rows))
 
     bundle = copied(base)
     record = adapt_unlabelled(
         bundle, pixels[fit_rows], [str(u) for u in uris[fit_rows]], [sizes[i] for i in fit_rows],
-        lambda b: with_patch_distances(b, outputs(b, fit_rows)), {"inputs": ["benchmark"]},
+        run_networks, {"inputs": ["benchmark"]},
     )  # fmt: skip
-    return bundle, outputs(bundle, np.arange(len(uris))), record
+    every = np.arange(len(uris))
+    kept = not record["batchnorm"]["adapted"]
+    return bundle, outputs(None if kept else bundle, every), record
 
 
 def labelled_on(bundle, raw, images, rows, rules):
@@ -205,6 +216,7 @@ def curve(
     rule_names,
     fine_tune_train=None,
     fine_tune_min_labels=FINE_TUNE_MIN_LABELS,
+    base_raw=None,
 ) -> dict:
     """Per draw, label count and rule: the figures of the two halves' pooled predictions.
     With ``fine_tune_train`` (``training_head_inputs``), label counts of at least
@@ -220,12 +232,14 @@ def curve(
     groups = np.array([image.patient_id for image in images])
     rules = SiteRules.from_card(base.card)
     results: dict[tuple, list[dict]] = {}
+    base_raw = network_outputs_of(base, pixels) if base_raw is None else base_raw
+    base_features = None
     for draw in range(draws):
         fold = np.array(patient_folds(images, 2, draw))
         pooled: dict[tuple, dict[str, list]] = {}
         for half in (0, 1):
             fit_rows, predict_rows = np.flatnonzero(fold != half), np.flatnonzero(fold == half)
-            bundle, raw, record = adapted_unlabelled(base, pixels, uris, sizes, fit_rows)
+            bundle, raw, record = adapted_unlabelled(base, pixels, uris, sizes, fit_rows, base_raw)
             raw["label_index"] = label_index
             print(f"  draw {draw} half {half}: BatchNorm "
                   f"{'re-estimated' if record['batchnorm']['adapted'] else 'kept'}, pneumonia "
@@ -235,9 +249,14 @@ def curve(
             if fine_tune_train is not None:
                 from pneumo_ray.training.finetune import head_inputs
 
-                site_features = {
-                    net: head_inputs(getattr(bundle, net), pixels, bundle.tta) for net in NETS
-                }
+                if record["batchnorm"]["adapted"] or base_features is None:
+                    site_features = {
+                        net: head_inputs(getattr(bundle, net), pixels, bundle.tta) for net in NETS
+                    }
+                    if not record["batchnorm"]["adapted"]:
+                        base_features = site_features  # the base networks': kept for every half
+                else:
+                    site_features = base_features
             for n in labels_to_try:
                 for rule in rule_names if n not in (0, None) else ["-"]:
                     variants = [(rule, raw)]
@@ -317,7 +336,7 @@ def curve_main(args, base, images, pixels) -> dict:
     trained_figures = headline_figures(as_trained)
     train = training_head_inputs(base) if args.fine_tune else None
     results = curve(
-        base, images, pixels, labels_to_try, args.draws, rule_names, train, args.fine_tune_min
+        base, images, pixels, labels_to_try, args.draws, rule_names, train, args.fine_tune_min, raw
     )
     print(
         "\nLearning curve: each half of the site's patients predicted by the bundle adapted on "
