@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pneumo_ray.cli import user_errors  # noqa: E402
 from pneumo_ray.io.data import list_store, load_image  # noqa: E402
+from pneumo_ray.io.images import ImageDecodeError  # noqa: E402
 from pneumo_ray.io.labels import CLASS_LABELS, patient_folds, patients_by_uri  # noqa: E402
 
 FIGURES = (
@@ -174,11 +175,16 @@ def training_head_inputs(base, seed: int = 0) -> tuple[dict[str, np.ndarray], np
     from pneumo_ray.training.finetune import head_inputs
 
     train = training_split(base.card)[0]
-    rng, drawn = random.Random(seed), []
+    rng, drawn, pixels = random.Random(seed), [], []
     for label in CLASS_LABELS:
         of_label = sorted((i for i in train if i.label == label), key=lambda i: i.uri)
-        drawn += rng.sample(of_label, min(TRAIN_IMAGES_PER_CLASS, len(of_label)))
-    pixels = np.stack([load_image(image.uri, base.image_size) for image in drawn])
+        for image in rng.sample(of_label, min(TRAIN_IMAGES_PER_CLASS, len(of_label))):
+            try:
+                pixels.append(load_image(image.uri, base.image_size))
+            except ImageDecodeError:  # training skipped it too
+                continue
+            drawn.append(image)
+    pixels = np.stack(pixels)
     targets = np.array([CLASS_LABELS.index(image.label) for image in drawn])
     features = {name: head_inputs(getattr(base, name), pixels, base.tta) for name in NETS}
     return features, targets
