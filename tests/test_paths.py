@@ -276,11 +276,13 @@ def test_sigint_and_sigterm_end_a_run_with_one_line(trained, tmp_path, embedded_
 def test_the_demo_run_twice_resumes_training_and_finds_nothing_new(tmp_path, job_env, monkeypatch):
     """The README's promise: a second ``make demo`` resumes from its checkpoints and scores
     nothing. The Makefile's own demo commands, relative paths and all, from a fresh folder
-    (1 epoch instead of 5, and a relative --storage-path: what is under test are the paths)."""
+    (1 epoch instead of 5, a relative --storage-path, and the robustness check on 10 images
+    per class: what is under test are the paths)."""
     command = [
         "make", "--no-print-directory", "-f", str(REPO / "Makefile"), "demo-jobs",
         f"PY={sys.executable}",
-        "DEMO_FLAGS=--image-size 64 --epochs 1 --lr-binary 1e-3 --storage-path ckpt",
+        "DEMO_FLAGS=--image-size 64 --epochs 1 --lr-binary 1e-3 --storage-path ckpt "
+        "--counterfactual-images 10",
     ]  # fmt: skip
     logs = []
     for _ in range(2):
