@@ -213,6 +213,12 @@ def fine_tuned(bundle, raw, site_features, train, rows, label_index, groups, see
     return out
 
 
+def pool(pooled: dict, key: tuple, out: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """Add a half's predicted columns (and their labels) to the draw's pooled ones."""
+    for column, value in {**out, "label": labels}.items():
+        pooled.setdefault(key, {}).setdefault(column, []).append(value)
+
+
 def curve(
     base,
     images,
@@ -228,7 +234,11 @@ def curve(
     With ``fine_tune_train`` (``training_head_inputs``), label counts of at least
     ``fine_tune_min_labels`` also get the rule ``<rule>+ft``: the heads fine-tuned as well."""
     from pneumo_ray.errors import SiteError
-    from pneumo_ray.training.adaptation import SiteRules, with_patch_distances
+    from pneumo_ray.training.adaptation import (
+        SiteRules,
+        set_operating_point,
+        with_patch_distances,
+    )
     from pneumo_ray.training.evaluation import headline_figures
 
     uris = np.array([image.uri for image in images])
@@ -265,31 +275,34 @@ def curve(
                     site_features = base_features
             for n in labels_to_try:
                 for rule in rule_names if n not in (0, None) else ["-"]:
-                    variants = [(rule, raw)]
-                    rows = fit_rows
+                    key, rows = (n, rule), fit_rows
+                    if key in pooled and pooled[key] is None:
+                        continue
+                    predictor = bundle
                     if n != 0:
                         rows = choose_labelled(bundle, raw, fit_rows, n, rule, draw)
-                        if site_features is not None and len(rows) >= fine_tune_min_labels:
-                            tuned = fine_tuned(bundle, raw, site_features, fine_tune_train,
-                                               rows, label_index, groups, draw)  # fmt: skip
-                            variants.append(((rule if rule != "-" else "") + "+ft", tuned))
-                    for name, columns in variants:
-                        key = (n, name)
-                        if key in pooled and pooled[key] is None:
-                            continue
                         try:
-                            predictor = bundle
-                            if n != 0:
-                                predictor = labelled_on(bundle, columns, images, rows, rules)
+                            predictor = labelled_on(bundle, raw, images, rows, rules)
                         except SiteError:  # one class among the chosen images
                             pooled[key] = None
                             continue
-                        out = predictor.finish(
-                            with_patch_distances(predictor, take(columns, predict_rows))
-                        )
-                        out["label"] = labels[predict_rows]
-                        for column, value in out.items():
-                            pooled.setdefault(key, {}).setdefault(column, []).append(value)
+                    out = predictor.finish(with_patch_distances(predictor, take(raw, predict_rows)))
+                    pool(pooled, key, out, labels[predict_rows])
+                    if site_features is None or n == 0 or len(rows) < fine_tune_min_labels:
+                        continue
+                    # The heads fine-tuned too: the operating point set again on their
+                    # out-of-fold logits; the KNN and anomaly columns are the same as above.
+                    tuned = fine_tuned(bundle, raw, site_features, fine_tune_train, rows,
+                                       label_index, groups, draw)  # fmt: skip
+                    twin = copy.copy(predictor)
+                    twin.card = copy.deepcopy(predictor.card)
+                    set_operating_point(twin.card, take(tuned, rows), rules)
+                    pool(
+                        pooled,
+                        (n, (rule if rule != "-" else "") + "+ft"),
+                        {**out, **twin.call_columns(take(tuned, predict_rows))},
+                        labels[predict_rows],
+                    )
         for key, columns in pooled.items():
             if columns is None:
                 continue

@@ -223,6 +223,20 @@ class Bundle:
             return reduce_patches(raw["patch_distances"], self.patch_memory.reduction)
         return raw["ae_inpaint"] if kind == "inpaint" else raw["ae_mse"]
 
+    def call_columns(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The CNNs' columns of ``finish``: calibrated probabilities and the two calls."""
+        calibrated = self.calibrated(raw)
+        p_pneumonia, probs = calibrated["p_pneumonia"], calibrated["probs"]
+        return {
+            "p_pneumonia": p_pneumonia.astype(np.float32),
+            "pred_binary": np.where(p_pneumonia >= self.binary_threshold, *BINARY_LABELS[::-1]),
+            "p_pneumonia_cnn": calibrated["p_pneumonia_cnn"].astype(np.float32),
+            "p_normal": probs[:, 0].astype(np.float32),
+            "p_bacterial": probs[:, 1].astype(np.float32),
+            "p_viral": probs[:, 2].astype(np.float32),
+            "pred_class": np.asarray(CLASS_LABELS)[probs.argmax(axis=1)],
+        }
+
     def finish(
         self, raw: dict[str, np.ndarray], notes: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
@@ -234,19 +248,12 @@ class Bundle:
         from pneumo_ray.models.knn import select_features
         from pneumo_ray.models.scope import scope_columns
 
-        calibrated = self.calibrated(raw)
-        p_pneumonia, probs, mse = calibrated["p_pneumonia"], calibrated["probs"], raw["ae_mse"]
+        mse = raw["ae_mse"]
         anomaly = self.anomaly_scores(raw)
         knn_features = select_features(raw["probs"], raw["embedding"], self.knn.feature_kind)
         knn_labels, neighbour_uris, distances = self.knn.query(knn_features)
         return {
-            "p_pneumonia": p_pneumonia.astype(np.float32),
-            "pred_binary": np.where(p_pneumonia >= self.binary_threshold, *BINARY_LABELS[::-1]),
-            "p_pneumonia_cnn": calibrated["p_pneumonia_cnn"].astype(np.float32),
-            "p_normal": probs[:, 0].astype(np.float32),
-            "p_bacterial": probs[:, 1].astype(np.float32),
-            "p_viral": probs[:, 2].astype(np.float32),
-            "pred_class": np.asarray(CLASS_LABELS)[probs.argmax(axis=1)],
+            **self.call_columns(raw),
             "knn_label": knn_labels,
             "knn_neighbors": neighbour_uris,
             "knn_distances": distances,

@@ -203,7 +203,6 @@ def adapt(
             "a PatchCore bundle adapts from its patch features: run the networks with the "
             "memory bank unset (patch_features_instead)"
         )
-    binary_score = models["binary"].get("score", "network")
     previous = {
         "model_version": bundle.model_version,
         "binary": _recorded(models["binary"],
@@ -218,14 +217,7 @@ def adapt(
     }  # fmt: skip
     previous = _recorded(previous, previous)
 
-    calibrated = calibrate(
-        outputs, rules.calibrate, binary_score, where="site", score_maps=rules.score_map
-    )
-    temperatures = calibrated["temperatures"]
-    threshold, rule = choose_binary_threshold(
-        outputs, temperatures, binary_score, rules.binary_threshold, rules.target_sensitivity,
-        where="site", score_maps=calibrated.get("score_maps"),
-    )  # fmt: skip
+    calibrated, threshold, rule = set_operating_point(card, outputs, rules)
     is_pneumonia = labels > 0
     site_uris = [str(uri) for uri in outputs["image_uri"]]
     normal_rows = np.flatnonzero(~is_pneumonia)
@@ -241,11 +233,6 @@ def adapt(
         anomaly[~is_pneumonia], rules.anomaly_percentile
     )
 
-    card["calibration"] = calibrated
-    binary = models["binary"]
-    binary.pop("validation", None)
-    binary.update({"temperature": temperatures["binary"], "threshold": threshold, **rule})
-    models["multiclass"]["temperature"] = temperatures["multiclass"]
     models["autoencoder"]["threshold"] = anomaly_threshold
     models["autoencoder"]["threshold_rule"] = (
         f"{rules.anomaly_percentile:g}th percentile of the scores of the site's normal images"
@@ -302,6 +289,28 @@ def adapt(
     }
     card.setdefault("site_adaptations", []).append(record)
     return record
+
+
+def set_operating_point(card: dict, outputs: dict[str, np.ndarray], rules: SiteRules):
+    """The CNNs' part of ``adapt``, in ``card``: both temperatures (and score maps) fitted on
+    the site's labelled ``outputs``, then the binary threshold by the training's rule.
+    Returns the calibration, the threshold and its rule."""
+    models = card["models"]
+    binary_score = models["binary"].get("score", "network")
+    calibrated = calibrate(
+        outputs, rules.calibrate, binary_score, where="site", score_maps=rules.score_map
+    )
+    temperatures = calibrated["temperatures"]
+    threshold, rule = choose_binary_threshold(
+        outputs, temperatures, binary_score, rules.binary_threshold, rules.target_sensitivity,
+        where="site", score_maps=calibrated.get("score_maps"),
+    )  # fmt: skip
+    card["calibration"] = calibrated
+    binary = models["binary"]
+    binary.pop("validation", None)
+    binary.update({"temperature": temperatures["binary"], "threshold": threshold, **rule})
+    models["multiclass"]["temperature"] = temperatures["multiclass"]
+    return calibrated, threshold, rule
 
 
 def _widen_scope(bundle: Bundle, outputs: dict, rules: SiteRules) -> str:
