@@ -118,17 +118,17 @@ def adapted_unlabelled(base, pixels, uris, sizes, fit_rows, base_raw):
     from pneumo_ray.training.adaptation import with_patch_distances
     from pneumo_ray.training.unlabelled import adapt_unlabelled
 
-    def outputs(bundle, rows):
-        raw = dict(network_outputs_of(bundle, pixels[rows])) if bundle is not None else None
-        raw = take(base_raw, rows) if raw is None else raw
+    def outputs(bundle, rows):  # bundle None: the base networks' outputs, already computed
+        raw = take(base_raw, rows) if bundle is None else network_outputs_of(bundle, pixels[rows])
         raw["image_uri"] = uris[rows]
         return raw
 
-    calls = []
+    calls = 0
 
     def run_networks(bundle):  # the first call sees the base networks; a second, re-estimated
-        calls.append(bundle)
-        return with_patch_distances(bundle, outputs(bundle if len(calls) > 1 else None, fit_rows))
+        nonlocal calls
+        calls += 1
+        return with_patch_distances(bundle, outputs(bundle if calls > 1 else None, fit_rows))
 
     bundle = copied(base)
     record = adapt_unlabelled(
@@ -250,6 +250,10 @@ def curve(
     results: dict[tuple, list[dict]] = {}
     base_raw = network_outputs_of(base, pixels) if base_raw is None else base_raw
     base_features = None
+    if fine_tune_train is not None:
+        from pneumo_ray.training.finetune import head_inputs
+
+        base_features = {net: head_inputs(getattr(base, net), pixels, base.tta) for net in NETS}
     for draw in range(draws):
         fold = np.array(patient_folds(images, 2, draw))
         pooled: dict[tuple, dict[str, list]] = {}
@@ -261,18 +265,11 @@ def curve(
                   f"{'re-estimated' if record['batchnorm']['adapted'] else 'kept'}, pneumonia "
                   f"share {record['class_prior']['binary']['site']:.3f} (applied: "
                   f"{record['class_prior']['binary']['applied']})", flush=True)  # fmt: skip
-            site_features = None
-            if fine_tune_train is not None:
-                from pneumo_ray.training.finetune import head_inputs
-
-                if record["batchnorm"]["adapted"] or base_features is None:
-                    site_features = {
-                        net: head_inputs(getattr(bundle, net), pixels, bundle.tta) for net in NETS
-                    }
-                    if not record["batchnorm"]["adapted"]:
-                        base_features = site_features  # the base networks': kept for every half
-                else:
-                    site_features = base_features
+            site_features = base_features  # the base networks' where BatchNorm was kept
+            if base_features is not None and record["batchnorm"]["adapted"]:
+                site_features = {
+                    net: head_inputs(getattr(bundle, net), pixels, bundle.tta) for net in NETS
+                }
             for n in labels_to_try:
                 for rule in rule_names if n not in (0, None) else ["-"]:
                     key, rows = (n, rule), fit_rows
