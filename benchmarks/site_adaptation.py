@@ -21,7 +21,7 @@ patient splits (seeds 0, 1, ...) into two halves, each half's images are predict
 bundle adapted on the other half: first from its *unlabelled* images (``pneumo-adapt
 --unlabelled``: BatchNorm statistics when the images drift, the class balance by EM), then
 with the labels of N of its images (``--labels``, 0 for none, ``all`` for the whole half),
-chosen by each ``--rules`` (``spread``: the labelling list's rule; ``random``). The pooled
+chosen by each ``--rules`` (``random``, the labelling list's default; ``spread``). The pooled
 predictions of the two halves give each draw's figures; the table shows their median and
 range over the draws. ``--validation`` uses the bundle's own validation images (the training
 site) as the site: what adapting costs where nothing needed adapting.

@@ -32,6 +32,7 @@ from pneumo_ray.config import (
     NetworkConfig,
     TrainConfig,
 )
+from pneumo_ray.models.labelling import DEFAULT_LABELLING_RULE, LABELLING_RULES
 
 KNN_K_CANDIDATES = (5, 15, 25, 51)  # pneumo_ray.models.knn's; repeated so --help needs no torch
 BOOTSTRAP_REPLICATES = 1000  # pneumo_ray.training.evaluation's, for the same reason
@@ -690,9 +691,10 @@ def adapt_parser(prog: str | None = None) -> Parser:
     )
     unlabelled.add_argument(
         "--labelling-rule",
-        choices=("spread", "random"),
-        default="spread",
-        help="spread (default): half nearest the threshold, half over the score range; random",
+        choices=LABELLING_RULES,
+        default=DEFAULT_LABELLING_RULE,
+        help="random (default: what the learning curve of issue 32 favoured), or spread: half "
+        "nearest the threshold, half over the score range",
     )
     _add_ray_flags(parser)
     return parser

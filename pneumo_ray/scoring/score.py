@@ -763,12 +763,12 @@ def write_report(
     report = build_summary(run, profile, card)
     site = report["site"]
     if site["act"]:
-        from pneumo_ray.models.labelling import write_labelling_list
+        from pneumo_ray.models.labelling import DEFAULT_LABELLING_RULE, write_labelling_list
 
         site["labelling_list"] = stores.join(report_dir, LABELLING_LIST)
         rows = write_labelling_list(
             site["labelling_list"], profile.sample_uris, np.asarray(profile.sample_p),
-            float(card["models"]["binary"]["threshold"]), LABELLING_IMAGES, "spread",
+            float(card["models"]["binary"]["threshold"]), LABELLING_IMAGES, DEFAULT_LABELLING_RULE,
         )  # fmt: skip
         log(site["line"])
         log(f"labelling list ({rows} images to label): {site['labelling_list']}")

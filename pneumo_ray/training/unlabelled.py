@@ -51,7 +51,7 @@ from pneumo_ray.models.calibration import (
     em_class_prior,
     training_class_prior,
 )
-from pneumo_ray.models.labelling import write_labelling_list
+from pneumo_ray.models.labelling import DEFAULT_LABELLING_RULE, write_labelling_list
 from pneumo_ray.monitoring.drift import IMAGE_STATS, drift_between, reference_table
 from pneumo_ray.training.evaluation import log
 
@@ -315,7 +315,7 @@ def adapt_unlabelled_store(
     seed: int = 0,
     labelling_list: str | None = None,
     labelling_images: int = 50,
-    labelling_rule: str = "spread",
+    labelling_rule: str = DEFAULT_LABELLING_RULE,
     plan=None,
 ) -> dict:
     """Load a bundle, adapt it to the unlabelled images of ``inputs`` (``adapt_unlabelled``:

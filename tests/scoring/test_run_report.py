@@ -116,6 +116,7 @@ def test_a_drifting_store_the_bundle_was_never_adapted_to_gets_a_line_and_a_labe
     rows = listed.read_text().splitlines()
     assert rows[0].startswith("image_uri,label,patient_id")
     assert len(rows) - 1 == min(50, summary["images_profiled"])  # drawn from the in-scope images
+    assert all(row.endswith(",random draw") for row in rows[1:])  # the default rule
     assert "never adapted" in (_report_dir(output) / "report.html").read_text()
     # a quiet night says nothing of it
     quiet = json.loads((_report_dir(unchanged_run[0]) / "summary.json").read_text())["site"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pneumo_ray.cli import adapt_parser
 from pneumo_ray.errors import SiteError
 from pneumo_ray.io.data import list_labels_manifest
 from pneumo_ray.io.images import image_stats, to_model_input
@@ -215,6 +216,20 @@ def test_the_spread_rule_takes_the_threshold_band_and_the_whole_score_range():
     assert np.array_equal(randomly, select_for_labelling(p, 0.5, 20, "random", seed=1)[0])
 
 
+def test_the_default_labelling_rule_is_a_random_draw_everywhere():
+    """The learning curve favoured random labels over `spread` (docs/results.md): the function,
+    pneumo-adapt and the scoring job's list all default to it."""
+    p = np.linspace(0.001, 0.999, 200)
+    chosen, why = select_for_labelling(p, 0.5, 20)
+    assert set(why) == {"random draw"}
+    assert np.array_equal(chosen, select_for_labelling(p, 0.5, 20, "random", seed=0)[0])
+    args = adapt_parser().parse_args(["--model", "m", "--unlabelled", "s", "--output", "o"])
+    assert args.labelling_rule == "random"
+    with pytest.raises(SystemExit):
+        adapt_parser().parse_args(["--model", "m", "--unlabelled", "s", "--output", "o",
+                                   "--labelling-rule", "nearest"])  # fmt: skip
+
+
 def label_of(uri: str) -> str:
     """The label a radiologist would write in: here, from the Kaggle folder and file name."""
     folder, name = uri.rsplit("/", 2)[-2:]
@@ -274,6 +289,8 @@ def test_unlabelled_adapt_job_writes_a_new_bundle_and_a_labelling_list_it_takes_
 
     rows = list(csv.DictReader(to_label.open()))
     assert len(rows) == 12
+    # the default rule is the learning curve's choice: a random draw
+    assert {row["why"] for row in rows} == {"random draw"} and "(random)" in result.stdout
     fill_in(to_label, rows)
     labelled = run_job(
         "adapt.py", "--model", str(output), "--data", str(to_label),
