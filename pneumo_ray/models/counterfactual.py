@@ -13,7 +13,7 @@ chosen on, not the test split.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -65,13 +65,17 @@ def counterfactual_rows(
     label_index: np.ndarray,
     edits: Sequence[Edit] = CHECK_EDITS,
     seed: int = 0,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[dict]:
     """One row per edit and class present: how the bundle's calls on ``images`` move under
-    the edit (``label_index`` only groups the rows)."""
-    base = cnn_calls(bundle, images)
+    the edit (``label_index`` only groups the rows). ``prepare``, if given, is applied to the
+    films (edited or not) before the networks: an input step under test, such as a
+    re-framing (``benchmarks/reframing_check.py``)."""
+    prepare = prepare or (lambda films: films)
+    base = cnn_calls(bundle, prepare(images))
     rows = []
     for edit in edits:
-        edited = cnn_calls(bundle, edit.apply(images, seed))
+        edited = cnn_calls(bundle, prepare(edit.apply(images, seed)))
         shift = edited["p_pneumonia"] - base["p_pneumonia"]
         for k, label in enumerate(CLASS_LABELS):
             keep = label_index == k
