@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not images:
         parser.error(f"{args.data}: no images in the {args.split!r} split")
     print(
-        f"bundle {base.model_version}: {len(images)} {args.split} images of "
+        f"bundle {base.model_version}: {len(images)} "
+        f"{'validation' if args.validation else args.split} images of "
         f"{len({i.patient_id for i in images})} patients, {args.folds} patient folds "
         f"(seed {args.seed})",
         flush=True,
