@@ -151,7 +151,10 @@ def check_both_ways(bundle, net, films: np.ndarray, label_index: np.ndarray, see
             "specificity": float(1.0 - calls["pneumonia"][~is_pneumonia].mean()),
             "three_class_accuracy": float((calls["class"] == label_index).mean()),
         }
-        for row in counterfactual_rows(bundle, films, label_index, seed=seed, prepare=prepare):
+        rows = counterfactual_rows(
+            bundle, films, label_index, seed=seed, prepare=prepare, base=calls
+        )
+        for row in rows:
             key = f"{row['edit']} | {row['label']}"
             out["edits"].setdefault(key, {})[way] = row
     print(f"\nvalidation, {len(films)} images, at the bundle's threshold:")

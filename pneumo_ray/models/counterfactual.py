@@ -66,13 +66,16 @@ def counterfactual_rows(
     edits: Sequence[Edit] = CHECK_EDITS,
     seed: int = 0,
     prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+    base: dict[str, np.ndarray] | None = None,
 ) -> list[dict]:
     """One row per edit and class present: how the bundle's calls on ``images`` move under
     the edit (``label_index`` only groups the rows). ``prepare``, if given, is applied to the
     films (edited or not) before the networks: an input step under test, such as a
-    re-framing (``benchmarks/reframing_check.py``)."""
+    re-framing (``benchmarks/reframing_check.py``). ``base``: the calls on the unedited
+    films (``cnn_calls`` of the prepared films), when the caller has them already."""
     prepare = prepare or (lambda films: films)
-    base = cnn_calls(bundle, prepare(images))
+    if base is None:
+        base = cnn_calls(bundle, prepare(images))
     rows = []
     for edit in edits:
         edited = cnn_calls(bundle, prepare(edit.apply(images, seed)))

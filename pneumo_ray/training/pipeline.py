@@ -397,24 +397,38 @@ def scope_extractor() -> ScopeFeatures | None:
 
 
 def fit_scope(
-    config: TrainConfig, splits: Splits, networks: Networks, plan: ActorPlan
+    config: TrainConfig,
+    splits: Splits,
+    clean: dict[str, dict[str, np.ndarray]],
+    networks: Networks,
+    plan: ActorPlan,
 ) -> ScopeReference | None:
     """The scope check's Gaussians of the training images (every class), clean and as another
     site's acquisition might give them (``acquisition_shifted``), thresholds at PERCENTILE of
-    the validation images' distances, clean and shifted alike; None without the extractor."""
+    the validation images' distances, clean and shifted alike; None without the extractor.
+
+    ``clean``: the networks' outputs on the clean "train" and "val" images, from the passes
+    that also give the KNN's and the thresholds' outputs. The shifted images of both splits go
+    through the model actors in one pass (each pass starts its own actors: seconds apiece)."""
     if "scope" not in networks.states:
         return None
-
-    def features(dataset: ray.data.Dataset, seed: int) -> dict[str, np.ndarray]:
-        shifted = dataset.map_batches(
+    shifted = [
+        split.dataset.map_batches(
             acquisition_shifted, fn_kwargs={"seed": seed}, batch_format="numpy"
         )
-        clean, moved = (scope_features(run_models(d, networks, plan)) for d in (dataset, shifted))
-        return {kind: np.concatenate([clean[kind], moved[kind]]) for kind in clean}
-
+        for split, seed in ((splits.train, config.seed), (splits.val, config.seed + 1))
+    ]
+    moved = run_models(shifted[0].union(shifted[1]), networks, plan)
+    in_train = np.isin(moved["image_uri"], clean["train"]["image_uri"])
     train, val = (
-        features(splits.train.dataset, config.seed),
-        features(splits.val.dataset, config.seed + 1),
+        {
+            kind: np.concatenate([features[kind], scope_features(moved)[kind][rows]])
+            for kind in features
+        }
+        for features, rows in (
+            (scope_features(clean["train"]), in_train),
+            (scope_features(clean["val"]), ~in_train),
+        )
     )
     reference = ScopeReference.fit(train, val)
     marked = float(np.mean(reference.score(val) > 1.0))
@@ -482,8 +496,12 @@ def fit_references(
         ),
         plan,
     )
-    train_out = run_models(splits.train.dataset, networks("multiclass"), plan)
-    scope_reference = fit_scope(config, splits, networks("multiclass", *with_scope), plan)
+    # The training images' three-class outputs (the KNN) and scope features in one pass.
+    train_out = run_models(splits.train.dataset, networks("multiclass", *with_scope), plan)
+    scope_reference = fit_scope(
+        config, splits, {"train": train_out, "val": val_out},
+        networks("multiclass", *with_scope), plan,
+    )  # fmt: skip
     robustness, choices = config.robustness, config.validation
     calibrated = calibrate(val_out, robustness.calibrate, robustness.binary_score)
     binary_threshold, binary_rule = choose_binary_threshold(

@@ -84,6 +84,20 @@ def test_rows_cover_every_edit_and_class_and_an_identity_edit_moves_nothing():
         assert r["multiclass_flips"] == 0.0
 
 
+def test_rows_from_calls_the_caller_already_has_are_the_same_rows():
+    """``base``: the unedited films' calls, passed in by a caller that has them (the
+    re-framing benchmark) instead of computed again; wrong ones change the rows."""
+    from pneumo_ray.models.counterfactual import cnn_calls
+
+    bundle, (images, labels) = tiny_bundle(), films(9)
+    edits = CHECK_EDITS[:2]
+    computed = counterfactual_rows(bundle, images, labels, edits)
+    given = counterfactual_rows(bundle, images, labels, edits, base=cnn_calls(bundle, images))
+    assert given == computed
+    other = cnn_calls(bundle, np.zeros_like(images))
+    assert counterfactual_rows(bundle, images, labels, edits, base=other) != computed
+
+
 def test_border_share_of_uniform_central_and_border_maps():
     side = 50
     uniform = np.ones((1, side, side))
