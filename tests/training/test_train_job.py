@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -137,6 +138,23 @@ def test_thresholds_and_anomaly_score_are_chosen_on_validation(trained):
                 continue  # biased upward in every resample: its interval may lie above it
             low, high = metrics[model]["ci95"][figure]
             assert low <= value <= high, (model, figure)
+
+
+def test_the_passes_after_training_run_each_network_once_per_image(trained):
+    """Four model-actor passes before the evaluation (each starts its actors: seconds apiece):
+    normal training images, validation, training images, and the shifted images of both
+    splits together, split back by image for the scope check's Gaussians and thresholds."""
+    bundle, output = trained
+    after_training = output.split("choosing thresholds and KNN features on validation")[1]
+    before_evaluation = after_training.split("evaluating on the test split")[0]
+    assert "(1 model actor(s)" in output
+    assert before_evaluation.count("model actor ready on node") == 4, before_evaluation[-3000:]
+    card = json.loads((bundle / "card.json").read_text())
+    train_images = card["models"]["knn"]["reference_images"]  # every usable training image
+    assert card["scope"]["fit_images"] == 2 * train_images  # each clean and shifted
+    rule = card["scope"]["threshold_rule"]
+    val_images = int(re.search(r"distances of (\d+) validation", rule)[1])
+    assert val_images % 2 == 0 and 0 < val_images < train_images
 
 
 def test_cosine_schedule_and_weight_decay_reach_every_network(trained):
