@@ -418,18 +418,15 @@ def fit_scope(
         )
         for split, seed in ((splits.train, config.seed), (splits.val, config.seed + 1))
     ]
-    moved = run_models(shifted[0].union(shifted[1]), networks, plan)
-    in_train = np.isin(moved["image_uri"], clean["train"]["image_uri"])
-    train, val = (
-        {
-            kind: np.concatenate([features[kind], scope_features(moved)[kind][rows]])
-            for kind in features
-        }
-        for features, rows in (
-            (scope_features(clean["train"]), in_train),
-            (scope_features(clean["val"]), ~in_train),
-        )
-    )
+    raw = run_models(shifted[0].union(shifted[1]), networks, plan)
+    moved = scope_features(raw)
+    in_train = np.isin(raw["image_uri"], clean["train"]["image_uri"])
+
+    def with_moved(outputs: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+        features = scope_features(outputs)
+        return {kind: np.concatenate([features[kind], moved[kind][rows]]) for kind in features}
+
+    train, val = with_moved(clean["train"], in_train), with_moved(clean["val"], ~in_train)
     reference = ScopeReference.fit(train, val)
     marked = float(np.mean(reference.score(val) > 1.0))
     log(
@@ -497,11 +494,11 @@ def fit_references(
         plan,
     )
     # The training images' three-class outputs (the KNN) and scope features in one pass.
-    train_out = run_models(splits.train.dataset, networks("multiclass", *with_scope), plan)
+    multiclass_and_scope = networks("multiclass", *with_scope)
+    train_out = run_models(splits.train.dataset, multiclass_and_scope, plan)
     scope_reference = fit_scope(
-        config, splits, {"train": train_out, "val": val_out},
-        networks("multiclass", *with_scope), plan,
-    )  # fmt: skip
+        config, splits, {"train": train_out, "val": val_out}, multiclass_and_scope, plan
+    )
     robustness, choices = config.robustness, config.validation
     calibrated = calibrate(val_out, robustness.calibrate, robustness.binary_score)
     binary_threshold, binary_rule = choose_binary_threshold(

@@ -11,6 +11,7 @@ from pneumo_ray.io.edits import CHECK_EDITS, Edit
 from pneumo_ray.io.labels import CLASS_LABELS
 from pneumo_ray.models.counterfactual import (
     border_share,
+    cnn_calls,
     counterfactual_rows,
     format_check,
     robustness_check,
@@ -87,8 +88,6 @@ def test_rows_cover_every_edit_and_class_and_an_identity_edit_moves_nothing():
 def test_rows_from_calls_the_caller_already_has_are_the_same_rows():
     """``base``: the unedited films' calls, passed in by a caller that has them (the
     re-framing benchmark) instead of computed again; wrong ones change the rows."""
-    from pneumo_ray.models.counterfactual import cnn_calls
-
     bundle, (images, labels) = tiny_bundle(), films(9)
     edits = CHECK_EDITS[:2]
     computed = counterfactual_rows(bundle, images, labels, edits)
