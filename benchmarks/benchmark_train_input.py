@@ -90,7 +90,8 @@ def worker_loop(config: dict) -> None:
         for epoch in range(epochs):
             torch.manual_seed(epoch)
             started, images = time.perf_counter(), 0
-            for step, (x, y) in enumerate(training_batches(shard, config["batch"], device, epoch)):
+            batches = training_batches(shard, config["batch"], device, epoch)
+            for step, (x, y, _) in enumerate(batches):
                 if name.startswith("real") and step == config["real_steps"]:
                     break
                 if model is not None:

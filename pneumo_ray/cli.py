@@ -20,6 +20,7 @@ from pneumo_ray.config import (
     ARCHITECTURES,
     BINARY_SCORES,
     BINARY_THRESHOLD_RULES,
+    FRAMING_REFERENCES,
     GROUPS,
     HEATMAP_MODES,
     LR_SCALINGS,
@@ -237,6 +238,15 @@ def _robustness_flags(group) -> None:
         help="augment CNN training images of every class with wide framing (zoom 0.75-1.4), "
         "border bands and burned-in markers and text (framing and annotations cannot stand in "
         "for the lungs)",
+    )
+    group.add_argument(
+        "--framing-reference",
+        choices=FRAMING_REFERENCES,
+        default="film",
+        help="what the framing augmentation's zoom and shift are drawn relative to: each "
+        "film's edges, or its typical frame as a re-framing network fitted on the training "
+        "films (no labels) predicts it, so that a class the training store frames tighter "
+        "gets the same views of its anatomy as the others (needs --framing-augmentation)",
     )
     group.add_argument(
         "--counterfactual-images",

@@ -44,6 +44,7 @@ ARCHITECTURES = ("seed", *PRETRAINED_ARCHITECTURES)  # the CNNs' (--architecture
 NORMALIZATIONS = ("none", "standardize")  # the CNNs' input normalization (--normalization)
 TTA_MODES = ("none", "flip")  # test-time augmentation of the CNNs (--tta)
 BINARY_SCORES = ("combined", "network")  # what p_pneumonia is (--binary-score)
+FRAMING_REFERENCES = ("film", "learned")  # what framing is drawn relative to (--framing-reference)
 HEATMAP_MODES = ("flagged", "all", "none")  # which scored images get Grad-CAM (--heatmaps)
 
 
@@ -189,6 +190,12 @@ class RobustnessSettings:
     """Augment the CNNs' training images of every class with wide framing (zoom 0.75-1.4,
     aspect), border bands and burned-in markers and text, so that neither framing nor
     annotations can stand in for the lungs (issue 31) (--framing-augmentation)."""
+    framing_reference: str = "film"
+    """What the framing augmentation's zoom and shift are drawn relative to: film (each
+    film's edges) or learned (each film's typical frame, predicted by a re-framing network
+    fitted on the training films without labels before the CNNs train, so that a class framed
+    tighter in the training store gets the same views of its anatomy as the others)
+    (--framing-reference)."""
     counterfactual_images: int = 60
     """Validation images per class in the training report's counterfactual robustness check
     (0: no check) (--counterfactual-images)."""
@@ -209,6 +216,12 @@ class RobustnessSettings:
         _check_choice("--normalization", self.normalization, NORMALIZATIONS)
         _check_choice("--tta", self.tta, TTA_MODES)
         _check_choice("--binary-score", self.binary_score, BINARY_SCORES)
+        _check_choice("--framing-reference", self.framing_reference, FRAMING_REFERENCES)
+        if self.framing_reference != "film" and not self.framing_augmentation:
+            raise ConfigError(
+                f"--framing-reference {self.framing_reference} needs --framing-augmentation "
+                "(it says what the augmentation's framing is drawn relative to)"
+            )
         if self.counterfactual_images < 0:
             raise ConfigError(
                 f"--counterfactual-images must be 0 or more, got {self.counterfactual_images}"
@@ -443,6 +456,9 @@ class TrainConfig:
             "spec": self.network_spec(network) if network != "autoencoder" else None,
             "acquisition_shift": self.robustness.acquisition_shift and network != "autoencoder",
             "framing": self.robustness.framing_augmentation and network != "autoencoder",
+            "framing_reference": self.robustness.framing_reference
+            if network != "autoencoder"
+            else "film",
             "masking": self.robustness.autoencoder_masking if network == "autoencoder" else 0.0,
             "backbone_lr_scale": self.robustness.backbone_lr_scale
             if network != "autoencoder"
@@ -454,6 +470,7 @@ class TrainConfig:
             "spec": {"architecture": "seed", "normalization": "none", "pretrained": None},
             "acquisition_shift": False,
             "framing": False,
+            "framing_reference": "film",
             "masking": 0.0,
             "backbone_lr_scale": 1.0,
         }

@@ -26,6 +26,10 @@ import torch
 from torch import nn
 
 INPUT_SIDE = 64  # the re-framing network's input, in pixels
+FRAME_COLUMN = "frame"  # a training dataset's column of each film's predicted frame (4 floats)
+FIT_IMAGES = 2000  # training films (a seeded draw) the training job fits the network on
+FIT_EPOCHS = 40  # its epochs: the setting benchmarks/reframing_check.py measured (IoU 0.86)
+FIT_SIDE = 128  # the films' side while fitting and predicting (the input is 64 px windows)
 ZOOM = (0.6, 1.5)  # window side / film side: < 1 a tighter crop, > 1 a looser frame
 ASPECT = 0.15  # log-ratio of the window's sides, at most
 SHIFT = 0.1  # the window's centre moves by at most this much of the film beyond its own slack
@@ -169,3 +173,35 @@ def apply_reframing(net: ReframingNet, pixels: np.ndarray, chunk: int = 256) -> 
             out = reframe(as_input(films), frames, films.shape[-1])[:, 0]
             parts.append((out * 255.0).round().clamp(0, 255).to(torch.uint8).numpy())
     return np.concatenate(parts) if parts else np.asarray(pixels).copy()
+
+
+def shrink(pixels: np.ndarray, side: int = FIT_SIDE) -> np.ndarray:
+    """uint8 ``(N, S, S)`` films at ``side`` px (antialiased; as they are when not larger)."""
+    pixels = np.asarray(pixels)
+    if pixels.shape[-1] <= side:
+        return pixels.copy()
+    x = nn.functional.interpolate(
+        as_input(pixels), size=(side, side), mode="bilinear", antialias=True
+    )
+    return (x[:, 0] * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def fit_and_frame(
+    pixels: np.ndarray, seed: int, threads: int = 1, epochs: int = FIT_EPOCHS
+) -> np.ndarray:
+    """Each film's typical frame ``(N, 4)`` from a ``ReframingNet`` fitted (no labels) on a
+    seeded draw of at most ``FIT_IMAGES`` of the films, ``epochs`` epochs; ``pixels``:
+    uint8 ``(N, S, S)``, best at ``FIT_SIDE`` px (``shrink``)."""
+    torch.set_num_threads(threads)
+    pixels = np.asarray(pixels)
+    draw = np.random.default_rng(seed).permutation(len(pixels))[:FIT_IMAGES]
+    net = train_reframer(pixels[np.sort(draw)], epochs=epochs, seed=seed)
+    parts = [predict_frames(net, pixels[i : i + 256]) for i in range(0, len(pixels), 256)]
+    return np.concatenate(parts) if parts else np.zeros((0, 4))
+
+
+def frame_areas(frames: np.ndarray) -> np.ndarray:
+    """Each frame's area as a share of its film's: 1.0 a film framed as the store typically
+    frames it, larger a film framed tighter (its frame reaches past it)."""
+    frames = np.asarray(frames, dtype=np.float64)
+    return (frames[:, 2] - frames[:, 0]) * (frames[:, 3] - frames[:, 1])

@@ -36,6 +36,7 @@ from pneumo_ray.io.images import BatchAugment, to_model_input
 from pneumo_ray.models.anomaly import masked_training_batch
 from pneumo_ray.models.autoencoder import reconstruction_error
 from pneumo_ray.models.networks import NETWORKS, build_network
+from pneumo_ray.models.reframing import FRAME_COLUMN
 
 __all__ = ["NETWORKS", "NetworkData", "build_network", "fit_network", "fit_networks", "train_step"]
 STATE_FILE = "state.pt"
@@ -92,12 +93,14 @@ def train_step(
     dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     masking: float = 0.0,
+    frames: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch ``x`` (B, 1, S, S) in [0, 1]; returns per-image
     (loss, correct), detached. ``dtype``: autocast dtype (None: fp32); ``scaler``: fp16's loss
-    scaling; ``masking``: see ``per_sample_loss``."""
+    scaling; ``masking``: see ``per_sample_loss``; ``frames`` (B, 4): the films' typical
+    frames, which the framing augmentation is drawn relative to (None: the films' edges)."""
     if augment is not None:
-        x = augment(x)  # the whole batch at once, on its device
+        x = augment(x, frames)  # the whole batch at once, on its device
     if x.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
@@ -208,11 +211,16 @@ def rank_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 class ImageLabelCollate(NumpyBatchCollateFn):
-    """The two columns training needs, as tensors (the URI strings stay behind)."""
+    """The columns training needs, as tensors (the URI strings stay behind): image and label,
+    and the films' frames (``FRAME_COLUMN``) where the dataset has them."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
         image = torch.from_numpy(np.array(batch["image"], copy=True))  # Ray's views are read-only
-        return image, torch.from_numpy(batch["label_index"].astype(np.int64))
+        label = torch.from_numpy(batch["label_index"].astype(np.int64))
+        if FRAME_COLUMN not in batch:
+            return image, label
+        frames = np.array(batch[FRAME_COLUMN], dtype=np.float32, copy=True)
+        return image, label, torch.from_numpy(frames)
 
 
 @dataclass
@@ -251,12 +259,13 @@ class WorkerRun:
 
 
 def training_batches(shard, batch_size: int, device: torch.device, shuffle_seed: int | None):
-    """A worker's (images (B, 1, S, S) in [0, 1], labels (B,)) on its device: whole-batch
+    """A worker's (images (B, 1, S, S) in [0, 1], labels (B,), frames (B, 4) or None) on its
+    device (frames stay on the CPU, where the augmentation draws): whole-batch
     collation (``ImageLabelCollate``) and, on GPUs, PREFETCH_BATCHES batches pinned and copied
     to the device ahead on Ray Data's prefetch thread, so the GPU does not wait on the host.
     ``shuffle_seed``: a local shuffle with that seed; None: the shard's order."""
     on_gpu = device.type == "cuda"
-    for image, label_index in shard.iter_torch_batches(
+    for image, label_index, *frames in shard.iter_torch_batches(
         batch_size=batch_size,
         local_shuffle_buffer_size=SHUFFLE_BUFFER if shuffle_seed is not None else None,
         local_shuffle_seed=shuffle_seed,
@@ -266,7 +275,8 @@ def training_batches(shard, batch_size: int, device: torch.device, shuffle_seed:
         prefetch_batches=PREFETCH_BATCHES if on_gpu else 1,
     ):
         x = image.to(device, non_blocking=on_gpu)  # a no-op when Ray moved it
-        yield to_model_input(x), label_index.to(device, non_blocking=on_gpu)
+        label_index = label_index.to(device, non_blocking=on_gpu)
+        yield to_model_input(x), label_index, (frames[0].cpu() if frames else None)
 
 
 def parameter_groups(model: nn.Module, lr: float, backbone_scale: float) -> list[dict]:
@@ -385,7 +395,7 @@ def train_epoch(run: WorkerRun, shard) -> tuple[list[float], list[torch.Tensor]]
     seen, loss_sum, correct_sum = 0, 0.0, 0.0
     recent: collections.deque[torch.Tensor] = collections.deque()
     run.model.train()
-    for x, y in run.batches(shard, shuffle=True):
+    for x, y, frames in run.batches(shard, shuffle=True):
         if len(y) < 2:
             # A last batch of one image breaks BatchNorm's training statistics. Shards are
             # split equally, so every rank skips the same step (DDP stays in lockstep).
@@ -395,7 +405,7 @@ def train_epoch(run: WorkerRun, shard) -> tuple[list[float], list[torch.Tensor]]
             recent.popleft()
         loss, correct = train_step(
             run.name, run.model, run.optimizer, x, y, run.weights, run.augment,
-            run.dtype, run.scaler, run.loop["masking"],
+            run.dtype, run.scaler, run.loop["masking"], frames,
         )  # fmt: skip
         seen += len(y)
         loss_sum += float(loss.sum())
@@ -409,7 +419,7 @@ def validate(run: WorkerRun, shard, recent: list[torch.Tensor]) -> list[float]:
     recalibrate_batchnorm(_unwrap(run.model), recent)
     loss_sum = correct = seen = 0.0
     with torch.inference_mode(), run.autocast():
-        for x, y in run.batches(shard, shuffle=False):
+        for x, y, _ in run.batches(shard, shuffle=False):
             loss, right = per_sample_loss(run.name, run.model, run.prepare(x), y, run.weights)
             loss_sum += float(loss.float().sum())
             correct += float(right.sum())
@@ -598,6 +608,18 @@ def checkpoint_storage(config: TrainConfig) -> str:
     return config.cluster.storage_path or stores.join(config.output, "checkpoints")
 
 
+def result_uri(config: TrainConfig, network: str, data_fingerprint: dict | None) -> str:
+    """Where a network's finished training is kept, under its run key."""
+    key = config.run_key(network, data_fingerprint)
+    return stores.join(checkpoint_storage(config), "results", f"{key}.pt")
+
+
+def trained_before(config: TrainConfig, networks: list[str], data_fingerprint: dict | None) -> bool:
+    """Whether every one of ``networks`` finished a run with these settings on these data
+    (``fit_networks`` then trains none of them again)."""
+    return all(stores.exists(result_uri(config, n, data_fingerprint)) for n in networks)
+
+
 def run_name(keys: list[str]) -> str:
     """The Ray Train run of networks trained together, from their run keys (TrainConfig.run_key):
     the same settings on the same data resume the same run (one network alone: its own key)."""
@@ -640,7 +662,6 @@ def fit_networks(
     One worker group serves every network: Ray Train starts once per training job, not once
     per network (about 8 s each on this machine's CPUs). Datasets that several networks share
     are split once."""
-    storage = checkpoint_storage(config)
     keys = {network: config.run_key(network, data_fingerprint) for network in data}
     datasets: dict[str, ray.data.Dataset] = {}
 
@@ -658,7 +679,7 @@ def fit_networks(
         networks.append(
             {
                 "network": network,
-                "result_uri": stores.join(storage, "results", f"{keys[network]}.pt"),
+                "result_uri": result_uri(config, network, data_fingerprint),
                 "train_set": dataset_name(entry.train, "train"),
                 "val_set": dataset_name(entry.val, "val"),
                 "image_size": config.image_size,

@@ -31,7 +31,7 @@ from pneumo_ray.io.labels import (
     patients_by_uri,
     split_by_patient,
 )
-from pneumo_ray.models import calibration
+from pneumo_ray.models import calibration, reframing
 from pneumo_ray.models.anomaly import SCORE_DESCRIPTIONS, NormalReference
 from pneumo_ray.models.bundle import (
     DRIFT_REFERENCE_FILE,
@@ -65,6 +65,7 @@ from pneumo_ray.training.loop import (
     class_weights,
     decide_scaling,
     fit_networks,
+    trained_before,
 )
 from pneumo_ray.training.tracking import NullTracker
 
@@ -365,15 +366,68 @@ def train_networks(
     """Train the three networks in one TorchTrainer run (the autoencoder on normals); their
     epochs go to the tracker."""
     tracker = tracker or NullTracker()
+    cnn_train = splits.train.dataset
+    if config.robustness.framing_reference == "learned" and not trained_before(
+        config, ["binary", "multiclass"], splits.training_fingerprint
+    ):
+        cnn_train = with_frames(splits.train.dataset, frame_training_films(config, splits))
     networks = {
-        "binary": NetworkData(splits.train.dataset, splits.val.dataset, weights["binary"]),
-        "multiclass": NetworkData(splits.train.dataset, splits.val.dataset, weights["multiclass"]),
+        "binary": NetworkData(cnn_train, splits.val.dataset, weights["binary"]),
+        "multiclass": NetworkData(cnn_train, splits.val.dataset, weights["multiclass"]),
         "autoencoder": NetworkData(splits.normal_train, data.normal_only(splits.val)),
     }
     trained = fit_networks(config, scaling, networks, splits.training_fingerprint)
     for name, network in trained.items():
         tracker.log_history(name, network.history)
     return trained
+
+
+def frame_training_films(config: TrainConfig, splits: Splits) -> dict[str, list[float]]:
+    """Each training film's typical frame by URI (``--framing-reference learned``): a
+    re-framing network (``models.reframing``) fitted on the training films without labels, in
+    one Ray task, before the CNNs train. Logs the median frame area of each class: the
+    framing the training store gives each class, which the augmentation then draws around."""
+    uris, labels, films = [], [], []
+    columns = ["image_uri", "label_index", "image"]
+    for batch in splits.train.dataset.select_columns(columns).iter_batches(batch_format="numpy"):
+        uris.extend(str(uri) for uri in batch["image_uri"])
+        labels.extend(int(i) for i in batch["label_index"])
+        films.append(reframing.shrink(batch["image"]))
+    order = np.argsort(uris, kind="stable")  # the draw does not depend on the blocks' order
+    uris, labels = [uris[i] for i in order], np.asarray(labels)[order]
+    pixels = np.concatenate(films)[order]
+    log(
+        f"framing reference: fitting the re-framing network on "
+        f"{min(len(uris), reframing.FIT_IMAGES)} of {len(uris)} training films "
+        f"({reframing.FIT_EPOCHS} epochs, no labels)"
+    )
+    started = time.perf_counter()
+    threads = plan_actors(None, False).threads
+    fit = ray.remote(num_cpus=1)(reframing.fit_and_frame)
+    frames = ray.get(fit.remote(pixels, config.seed, threads, reframing.FIT_EPOCHS))
+    areas = reframing.frame_areas(frames)
+    by_class = ", ".join(
+        f"{label} {np.median(areas[labels == k]):.3f}"
+        for k, label in enumerate(CLASS_LABELS)
+        if (labels == k).any()
+    )
+    log(
+        f"framing reference: fitted in {time.perf_counter() - started:.0f}s; median frame "
+        f"area by class (1: the store's typical framing, above 1: tighter) {by_class}"
+    )
+    return {uri: frame.tolist() for uri, frame in zip(uris, frames, strict=True)}
+
+
+def with_frames(dataset: ray.data.Dataset, frames: dict[str, list[float]]) -> ray.data.Dataset:
+    """``dataset`` with each film's frame in ``reframing.FRAME_COLUMN``."""
+    return dataset.map_batches(
+        _add_frames, fn_kwargs={"frames": frames}, batch_format="numpy"
+    ).materialize()
+
+
+def _add_frames(batch: dict[str, np.ndarray], frames: dict[str, list[float]]) -> dict:
+    column = np.array([frames[str(uri)] for uri in batch["image_uri"]], dtype=np.float32)
+    return {**batch, reframing.FRAME_COLUMN: column.reshape(-1, 4)}
 
 
 def patchcore_extractor(config: TrainConfig) -> PatchFeatures | None:
@@ -533,6 +587,12 @@ def fit_references(
     return references
 
 
+FRAMING_WORDS = {
+    "film": "film's edges",
+    "learned": "film's typical frame, from a re-framing network fitted without labels",
+}
+
+
 def build_card(
     config: TrainConfig,
     splits: Splits,
@@ -554,7 +614,13 @@ def build_card(
         )
         + f"; input normalization {config.robustness.normalization} (inside the network)"
         + ("; acquisition-shift augmentation" if config.robustness.acquisition_shift else "")
-        + ("; framing augmentation" if config.robustness.framing_augmentation else "")
+        + (
+            "; framing augmentation (drawn relative to each "
+            + FRAMING_WORDS[config.robustness.framing_reference]
+            + ")"
+            if config.robustness.framing_augmentation
+            else ""
+        )
     )
     binary_output = (
         "p_pneumonia = mean of the binary network's p_pneumonia and the three-class network's "

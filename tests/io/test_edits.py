@@ -141,3 +141,59 @@ def test_acquisition_shifted_copies_are_seeded_by_their_rows():
     state = torch.random.get_rng_state()
     acquisition_shifted(batch, 3)
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's generator untouched
+
+
+def test_framing_drawn_relative_to_the_frame_gives_a_tighter_film_the_same_views():
+    """The same draws on a film and on its crop to 80% (the crop's frame reaching past it as
+    the film's frame maps into it) give the same view of the anatomy: how tightly the store
+    framed a film no longer shows in what the network sees. Drawn relative to the films'
+    edges, the crop's views are tighter."""
+    side = 160
+    yy, xx = np.meshgrid(np.linspace(-1, 1, side), np.linspace(-1, 1, side), indexing="ij")
+    film = 0.5 + 0.25 * np.sin(5 * xx + 2 * yy) * np.cos(3 * yy - xx)  # smooth anatomy
+    lo, hi = round(0.1 * side), round(0.9 * side)
+    crop = torch.nn.functional.interpolate(
+        torch.tensor(film[lo:hi, lo:hi], dtype=torch.float32)[None, None],
+        size=(side, side), mode="bilinear", align_corners=False,
+    )[0]  # fmt: skip
+    x = torch.stack([torch.tensor(film, dtype=torch.float32)[None], crop])  # (2, 1, S, S)
+    frame = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    reach = 0.1 / 0.8  # the film's edges in the crop's coordinates: -0.125 and 1.125
+    frames = torch.cat([frame, torch.tensor([[-reach, -reach, 1 + reach, 1 + reach]])])
+    augment = BatchAugment(framing=True)
+
+    def views(frames):
+        torch.manual_seed(3)
+        params = augment.draw(1, (side, side), frames[:1])
+        torch.manual_seed(3)
+        other = augment.draw(1, (side, side), frames[1:])
+        both = {k: torch.cat([params[k], other[k]]) for k in params}
+        both.update(  # the geometry alone: no jitter, bands or stamps; a zoom inside both
+            scale=both["scale"] * 1.6 / params["scale"][0],
+            brightness=torch.ones(2), contrast=torch.ones(2),
+            band_width=torch.zeros(2, 4), stamp_count=torch.zeros(2, dtype=torch.long),
+        )  # fmt: skip
+        out = BatchAugment.apply(x, both)[:, 0, 30:-30, 30:-30]
+        return float((out[0] - out[1]).abs().mean())
+
+    relative = views(frames)
+    assert relative < 0.01
+    edges = views(torch.cat([frame, frame]))
+    assert edges > 5 * relative
+
+
+def test_frames_move_nothing_without_framing_and_a_typical_frame_changes_no_draw():
+    torch.manual_seed(1)
+    plain = BatchAugment().draw(8, (32, 32))
+    torch.manual_seed(1)
+    ignored = BatchAugment().draw(8, (32, 32), None)
+    assert all(torch.equal(plain[k], ignored[k]) for k in plain)
+    typical = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(8, 1)
+    torch.manual_seed(2)
+    edges = BatchAugment(framing=True).draw(8, (32, 32))
+    torch.manual_seed(2)
+    relative = BatchAugment(framing=True).draw(8, (32, 32), typical)
+    assert torch.allclose(edges["scale"], relative["scale"])
+    assert torch.equal(relative["frame_centre"], torch.zeros(8, 2))
+    x = torch.from_numpy(films(8, 32)).float()[:, None] / 255
+    assert torch.allclose(BatchAugment.apply(x, edges), BatchAugment.apply(x, relative), atol=1e-6)

@@ -104,6 +104,15 @@ def test_pretrained_is_refused_for_the_seed_cnn_and_for_a_missing_file(tmp_path)
         TrainConfig.from_flat(data="/s", output="/o", architecture="vgg")
 
 
+def test_a_learned_framing_reference_needs_the_framing_augmentation():
+    with pytest.raises(ConfigError, match="--framing-reference learned needs --framing-aug"):
+        TrainConfig.from_flat(data="/s", output="/o", framing_reference="learned")
+    with pytest.raises(ConfigError, match="--framing-reference must be one of"):
+        TrainConfig.from_flat(
+            data="/s", output="/o", framing_augmentation=True, framing_reference="thorax"
+        )
+
+
 def test_network_settings_change_the_run_key_and_the_designs_keep_it():
     base = TrainConfig.from_flat(data="/s", output="/o")
     for change in (
@@ -115,6 +124,12 @@ def test_network_settings_change_the_run_key_and_the_designs_keep_it():
         other = TrainConfig.from_flat(data="/s", output="/o", **change)
         assert other.run_key("binary") != base.run_key("binary"), change
         assert other.run_key("autoencoder") == base.run_key("autoencoder"), change
+    framed = TrainConfig.from_flat(data="/s", output="/o", framing_augmentation=True)
+    learned = TrainConfig.from_flat(
+        data="/s", output="/o", framing_augmentation=True, framing_reference="learned"
+    )
+    assert learned.run_key("binary") != framed.run_key("binary")
+    assert learned.run_key("autoencoder") == framed.run_key("autoencoder")
     masked = TrainConfig.from_flat(data="/s", output="/o", autoencoder_masking=0.5)
     assert masked.run_key("autoencoder") != base.run_key("autoencoder")
     assert masked.run_key("binary") == base.run_key("binary")

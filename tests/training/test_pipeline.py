@@ -74,3 +74,38 @@ def test_training_reads_a_labels_manifest_by_its_split_column(ray_local, tmp_pat
     manifest.write_text("image_uri,label,patient_id,split\n" + "\n".join(rows) + "\n")
     with pytest.raises(ValueError, match="to validate on at --val-fraction 0.01"):
         list_and_decode(small)
+
+
+def test_a_learned_framing_reference_reaches_the_training_batches(ray_local, tmp_path, monkeypatch):
+    """--framing-reference learned: every training film gets its predicted frame, by URI, and
+    the CNNs' training batches carry them in the dataset's order; without the column they
+    carry none. The fit is seeded: the same films give the same frames."""
+    import torch
+
+    from pneumo_ray.io.synthetic import write_synthetic_store
+    from pneumo_ray.models import reframing
+    from pneumo_ray.training.loop import training_batches
+    from pneumo_ray.training.pipeline import frame_training_films, list_and_decode, with_frames
+
+    monkeypatch.setattr(reframing, "FIT_EPOCHS", 2)
+    store = write_synthetic_store(str(tmp_path / "store"), per_class=8, test_per_class=1, size=48)
+    config = TrainConfig.from_flat(
+        data=store, output=str(tmp_path / "b"), image_size=32,
+        framing_augmentation=True, framing_reference="learned",
+    )  # fmt: skip
+    splits = list_and_decode(config)
+    frames = frame_training_films(config, splits)
+    assert set(frames) == {i.uri for i in splits.train_images}
+    values = np.array(list(frames.values()))
+    assert values.shape == (len(frames), 4) and np.isfinite(values).all()
+    assert (values[:, 2] > values[:, 0]).all() and (values[:, 3] > values[:, 1]).all()
+    assert frame_training_films(config, splits) == frames
+
+    framed = with_frames(splits.train.dataset, frames)
+    rows = framed.select_columns(["image_uri", reframing.FRAME_COLUMN]).take_all()
+    expected = torch.tensor([frames[row["image_uri"]] for row in rows], dtype=torch.float32)
+    batches = list(training_batches(framed, 5, torch.device("cpu"), None))
+    assert torch.equal(torch.cat([batch[2] for batch in batches]), expected)
+    assert batches[0][0].shape[1:] == (1, 32, 32)
+    plain = training_batches(splits.train.dataset, 5, torch.device("cpu"), None)
+    assert all(batch[2] is None for batch in plain)
