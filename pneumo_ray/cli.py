@@ -607,7 +607,7 @@ def adapt_parser(prog: str | None = None) -> Parser:
         "logistic map of the binary scores, and the binary and anomaly thresholds on labelled "
         "images of the site (with the rules the bundle was trained with); add them to the "
         "KNN's reference images and its normal images to the anomaly score's reference; write "
-        "the adapted bundle to --output. No network is retrained.",
+        "the adapted bundle to --output. No network is retrained, unless --fine-tune.",
     )
     parser.add_argument("--model", required=True, help="model bundle (folder or s3:// URI)")
     site = parser.add_mutually_exclusive_group(required=True)
@@ -679,6 +679,14 @@ def adapt_parser(prog: str | None = None) -> Parser:
         help="keep the scope check as trained (default), or add: it also takes in images like "
         "the site's labelled films (a site whose films differ from the training images)",
     )
+    parser.add_argument(
+        "--fine-tune",
+        action="store_true",
+        help="with --data: also refit the three-class network's head on the site's labelled "
+        "images (at least 100, every class) mixed with 200 of the bundle's training images "
+        "per class (the training store must be readable); the three-class columns come from "
+        "it, the KNN and the scope check keep the trained head",
+    )
     unlabelled = parser.add_argument_group("with --unlabelled")
     unlabelled.add_argument(
         "--max-images",
@@ -725,6 +733,8 @@ def adapt_main(argv: Sequence[str] | None = None, prog: str | None = None) -> No
         }
         SiteRules(**{k: v for k, v in overrides.items() if v is not None}).check()
         if args.unlabelled is not None:
+            if args.fine_tune:
+                raise ConfigError("--fine-tune needs labelled images (--data), not --unlabelled")
             if args.max_images < 1 or args.labelling_images < 1:
                 raise ConfigError(
                     "--max-images and --labelling-images must be at least 1; got "
@@ -739,7 +749,9 @@ def adapt_main(argv: Sequence[str] | None = None, prog: str | None = None) -> No
             )  # fmt: skip
             return
         connect(args, "adapt")
-        adapt_store(args.model, args.data, args.split, args.output, overrides)
+        adapt_store(
+            args.model, args.data, args.split, args.output, overrides, fine_tune=args.fine_tune
+        )
 
     _run(adapt_parser(prog), adapt, argv)
 

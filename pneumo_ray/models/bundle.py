@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from pneumo_ray.models.anomaly import NormalReference
     from pneumo_ray.models.autoencoder import ConvAutoencoder
-    from pneumo_ray.models.cnn import ChestCNN
+    from pneumo_ray.models.cnn import ChestCNN, SiteHead
     from pneumo_ray.models.knn import KnnReference
     from pneumo_ray.models.patchcore import PatchFeatures, PatchMemory
     from pneumo_ray.models.scope import ScopeFeatures, ScopeReference
@@ -66,6 +66,7 @@ PATCHCORE_MEMORY_FILE = "patchcore_memory.parquet"
 DRIFT_REFERENCE_FILE = "drift_reference.parquet"  # what scoring runs are compared with
 SCOPE_FILE = "scope.pt"
 SCOPE_REFERENCE_FILE = "scope_reference.parquet"
+SITE_HEAD_FILE = "multiclass_site_head.pt"  # pneumo-adapt --fine-tune's three-class head
 WITHHELD = ("pred_binary", "pred_class", "knn_label")  # no call for an image out of scope
 REPORT_DIR = "report"
 
@@ -113,6 +114,7 @@ class Bundle:
     patch_memory: PatchMemory | None = None  # and its memory bank
     scope: ScopeFeatures | None = None  # the scope check's extractor (issue 33)
     scope_reference: ScopeReference | None = None  # and its Gaussians
+    multiclass_site: SiteHead | None = None  # a site's three-class head (pneumo-adapt --fine-tune)
 
     @property
     def image_size(self) -> int:
@@ -175,6 +177,8 @@ class Bundle:
             networks["patchcore"] = self.patchcore
         if self.scope is not None:
             networks["scope"] = self.scope
+        if self.multiclass_site is not None:
+            networks["multiclass_site"] = self.multiclass_site
         return networks
 
     def predict(
@@ -315,6 +319,8 @@ def write_bundle(bundle: Bundle, uri: str, report_dir: str | None = None) -> dic
     if bundle.scope is not None:
         payloads[SCOPE_FILE] = _state_dict_bytes(bundle.scope)
         payloads[SCOPE_REFERENCE_FILE] = _parquet_bytes(bundle.scope_reference.to_table())
+    if bundle.multiclass_site is not None:
+        payloads[SITE_HEAD_FILE] = _state_dict_bytes(bundle.multiclass_site)
     files = {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in payloads.items()}
     combined = sha256("".join(files[name]["sha256"] for name in sorted(files)).encode())
     card = {
@@ -422,6 +428,15 @@ def load_bundle(uri: str, device: torch.device | str = "cpu") -> Bundle:
         scope.load_state_dict(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
         table = pq.read_table(io.BytesIO(_verified(uri, SCOPE_REFERENCE_FILE, card)))
         scope_reference = ScopeReference.from_table(table)
+    site_head = None
+    if SITE_HEAD_FILE in card["files"]:  # adapted with --fine-tune
+        from pneumo_ray.models.cnn import SiteHead
+
+        site_head = SiteHead(models["multiclass"])
+        data = _verified(uri, SITE_HEAD_FILE, card)
+        site_head.load_state_dict(
+            torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        )
     return Bundle(
         card,
         knn=knn,
@@ -430,5 +445,6 @@ def load_bundle(uri: str, device: torch.device | str = "cpu") -> Bundle:
         patch_memory=memory,
         scope=scope,
         scope_reference=scope_reference,
+        multiclass_site=site_head,
         **models,
     ).to(device)

@@ -76,6 +76,24 @@ class EmbeddingCNN(nn.Module):
         return logits.squeeze(1) if self.num_outputs == 1 else logits
 
 
+class SiteHead(nn.Module):
+    """A CNN's embedding and output layers, copied from ``model`` (then refitted on a site's
+    labelled images: ``pneumo-adapt --fine-tune``). It takes what ``embed`` takes, the
+    backbone's ``features`` of an image, so it runs beside the trained head on one backbone
+    pass: the trained head keeps giving what was built from it (the KNN's features, the scope
+    check's embedding), the site head gives the three-class probabilities."""
+
+    def __init__(self, model: EmbeddingCNN) -> None:
+        super().__init__()
+        import copy
+
+        self.embed = copy.deepcopy(model.embed)
+        self.head = copy.deepcopy(model.head)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(features))  # logits; dropout is training's, not here
+
+
 class ChestCNN(EmbeddingCNN):
     """Four conv blocks, a 128-unit embedding, and a linear head of ``num_outputs`` logits."""
 

@@ -33,7 +33,9 @@ def _network_outputs(
     """The raw outputs of whichever networks are given, for a batch ``x`` (B, 1, S, S).
 
     ``binary_logit`` and ``p_pneumonia`` (binary; uncalibrated), ``multiclass_logits``,
-    ``probs`` (uncalibrated softmax) and ``embedding`` (three-class), ``ae_mse``, ``ae_code``
+    ``probs`` (uncalibrated softmax) and ``embedding`` (three-class; with a site head,
+    ``multiclass_site``, the logits are the site head's and the softmax and embedding the
+    trained head's, which the KNN and the scope check were built from), ``ae_mse``, ``ae_code``
     and, with ``inpaint``, ``ae_inpaint`` (autoencoder: pixel error, pooled latent code,
     inpainting error), and ``patch_features`` (B, P * D) or, with its memory bank set,
     ``patch_distances`` (B, P) (PatchCore), as float32 numpy arrays. ``tta="flip"`` averages
@@ -51,9 +53,13 @@ def _network_outputs(
             out["binary_logit"], out["p_pneumonia"] = logit, torch.sigmoid(logit)
         if "multiclass" in models:
             model = models["multiclass"]  # eval mode: dropout off
-            embeddings = [model.embedding(v) for v in views]
+            features = [model.features(model.normalize(v)) for v in views]
+            embeddings = [model.embed(f) for f in features]
             logits = torch.stack([model.head(e) for e in embeddings]).mean(dim=0)
-            out["multiclass_logits"] = logits
+            site = models.get("multiclass_site")
+            out["multiclass_logits"] = (
+                torch.stack([site(f) for f in features]).mean(dim=0) if site is not None else logits
+            )
             out["embedding"] = torch.stack(embeddings).mean(dim=0)
             out["probs"] = torch.softmax(logits, dim=1)
         if "autoencoder" in models:

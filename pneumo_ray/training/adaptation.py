@@ -395,10 +395,13 @@ def adapt_store(
     output: str,
     rules: dict | None = None,
     plan: ActorPlan | None = None,
+    fine_tune: bool = False,
 ) -> dict:
     """Load a bundle, run its networks over one split of a site's labelled store, re-choose
     its operating point there (``adapt``) and write the adapted bundle to ``output``; returns
-    the card as written."""
+    the card as written. ``fine_tune``: first refit a three-class site head on the site's
+    images (``finetune.fine_tune_site_head``), the operating point then set on its
+    out-of-fold logits."""
     started = time.perf_counter()
     model, store, output = (stores.normalize(u) for u in (model, store, output))
     if output.rstrip("/") == model.rstrip("/"):
@@ -419,6 +422,9 @@ def adapt_store(
     is_pneumonia = np.asarray(outputs["label_index"]) > 0
     finished = bundle.finish(with_patch_distances(bundle, outputs))
     before = _site_figures(finished, is_pneumonia)
+    head = None
+    if fine_tune:
+        outputs, head = _fine_tune(bundle, outputs, images, decoded.dataset)
     record = adapt(
         bundle,
         outputs,
@@ -430,6 +436,9 @@ def adapt_store(
             "skipped_images": [{"image_uri": u, "error": e} for u, e in decoded.failed],
         },
     )
+    if head is not None:
+        bundle.card["models"]["multiclass"]["site_head"] = head
+        record["rules"]["three_class_head"] = head["rule"]
     # The drift reference holds the adapted columns, with out-of-sample anomaly scores.
     after = _site_figures(bundle.drift_reference.to_pydict(), is_pneumonia)
     card = write_bundle(bundle, output)
@@ -437,6 +446,27 @@ def adapt_store(
     log(f"adapted bundle {card['model_version']} written to {output} in "
         f"{time.perf_counter() - started:.0f}s")  # fmt: skip
     return card
+
+
+def _fine_tune(bundle: Bundle, outputs: dict, images: list[LabelledImage], dataset) -> tuple:
+    """``finetune.fine_tune_site_head`` on the site's decoded images, in ``outputs``' rows."""
+    from pneumo_ray.training.finetune import TRAIN_IMAGES_PER_CLASS, fine_tune_site_head
+
+    started = time.perf_counter()
+    uris = [str(uri) for uri in outputs["image_uri"]]
+    pixels = {}
+    for batch in dataset.select_columns(["image_uri", "image"]).iter_batches(batch_format="numpy"):
+        pixels.update(zip((str(u) for u in batch["image_uri"]), batch["image"], strict=True))
+    patient = {image.uri: image.patient_id for image in images}
+    log(
+        f"fine-tuning the three-class head on {len(uris)} site images and up to "
+        f"{TRAIN_IMAGES_PER_CLASS} training images of each class"
+    )
+    outputs, head = fine_tune_site_head(
+        bundle, outputs, np.stack([pixels[uri] for uri in uris]), [patient[u] for u in uris]
+    )
+    log(f"three-class site head fitted in {time.perf_counter() - started:.0f}s")
+    return outputs, head
 
 
 def _site_figures(columns: dict, is_pneumonia: np.ndarray) -> dict:

@@ -47,6 +47,35 @@ def tiny_bundle(anomaly_score: str = "latent") -> Bundle:
     )
 
 
+def test_a_site_head_gives_the_three_class_columns_and_the_trained_head_the_knn(tmp_path):
+    """pneumo-adapt --fine-tune's site head: the three-class probabilities and class come from
+    it, the KNN (built on the trained head's softmax) and the binary call do not move; a copy
+    of the trained head changes nothing; the head round-trips through the bundle's files."""
+    from pneumo_ray.models.bundle import SITE_HEAD_FILE
+    from pneumo_ray.models.cnn import SiteHead
+
+    bundle = tiny_bundle()
+    images = np.random.default_rng(2).integers(0, 256, (6, SIZE, SIZE), dtype=np.uint8)
+    trained = bundle.predict(images)
+    bundle.multiclass_site = SiteHead(bundle.multiclass).eval()
+    copied = bundle.predict(images)
+    for column in ("p_normal", "p_bacterial", "p_pneumonia", "knn_distances"):
+        np.testing.assert_allclose(copied[column], trained[column], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        bundle.multiclass_site.head.bias.copy_(torch.tensor([-4.0, 0.0, 4.0]))
+    site = bundle.predict(images)
+    assert (site["p_viral"] > trained["p_viral"]).all() and set(site["pred_class"]) == {"viral"}
+    for column in ("knn_distances", "p_pneumonia_cnn"):
+        np.testing.assert_array_equal(site[column], trained[column])
+    assert list(site["knn_label"]) == list(trained["knn_label"])
+
+    card = write_bundle(bundle, str(tmp_path / "bundle"))
+    assert SITE_HEAD_FILE in card["files"]
+    loaded = load_bundle(str(tmp_path / "bundle"))
+    np.testing.assert_allclose(loaded.predict(images)["p_viral"], site["p_viral"], rtol=1e-5)
+    assert SITE_HEAD_FILE not in write_bundle(tiny_bundle(), str(tmp_path / "plain"))["files"]
+
+
 def test_bundle_round_trip_predicts_the_same(tmp_path):
     bundle = tiny_bundle()
     images = np.random.default_rng(1).integers(0, 256, (5, SIZE, SIZE), dtype=np.uint8)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pneumo_ray.errors import ConfigError, SiteError
 from pneumo_ray.io.labels import CLASS_LABELS, LabelledImage, patient_folds
@@ -338,3 +340,42 @@ def test_adapt_job_writes_an_adapted_bundle_and_leaves_the_original(
     assert refused.returncode == 1
     assert "is the bundle being adapted" in refused.stderr.strip().splitlines()[-1]
     assert (bundle / "card.json").read_bytes() == card_before
+
+
+def test_adapt_job_fine_tunes_a_three_class_site_head(trained, subset_store, job_env, tmp_path):
+    """pneumo-adapt --fine-tune: the adapted bundle carries a three-class site head fitted on
+    the site's images and the bundle's training images; its three-class columns come from
+    it, its KNN (kept) from the trained head; the card says what was fitted on what."""
+    from pneumo_ray.io.data import list_store, load_image
+    from pneumo_ray.models.bundle import SITE_HEAD_FILE
+
+    bundle, _ = trained
+    output = tmp_path / "tuned"
+    result = run_job(
+        "adapt.py", "--model", str(bundle), "--data", str(subset_store), "--split", "test",
+        "--output", str(output), "--fine-tune", "--knn", "keep", env=job_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"three-class site head fitted in \d+s", result.stdout)
+    card = json.loads((output / "card.json").read_text())
+    head = card["models"]["multiclass"]["site_head"]
+    assert head["images"] == 120 and sum(head["class_counts"].values()) == 120
+    assert 0 < head["training_images"] <= 600
+    assert SITE_HEAD_FILE in card["files"]
+    assert card["site_adaptations"][0]["rules"]["three_class_head"] == head["rule"]
+    assert SITE_HEAD_FILE not in json.loads((bundle / "card.json").read_text())["files"]
+
+    tuned, original = load_bundle(str(output)), load_bundle(str(bundle))
+    test = [i for i in list_store(str(subset_store)) if i.split == "test"][:12]
+    pixels = np.stack([load_image(i.uri, original.image_size) for i in test])
+    after, before = tuned.predict(pixels), original.predict(pixels)
+    assert not np.allclose(after["p_normal"], before["p_normal"], atol=1e-4)
+    np.testing.assert_array_equal(after["knn_distances"], before["knn_distances"])
+    for key, value in tuned.binary.state_dict().items():  # the binary network is not touched
+        assert torch.equal(value, original.binary.state_dict()[key]), key
+
+    from pneumo_ray.cli import adapt_main
+
+    with pytest.raises(SystemExit, match="--fine-tune needs labelled images"):
+        adapt_main(["--model", str(bundle), "--unlabelled", str(subset_store), "--output",
+                    str(tmp_path / "x"), "--fine-tune"])  # fmt: skip

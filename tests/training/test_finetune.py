@@ -132,3 +132,51 @@ def test_settings_reject_nonsense():
         FineTuneSettings(site_share=0.0)
     with pytest.raises(ValueError, match="epoch"):
         FineTuneSettings(epochs=0)
+
+
+def test_the_site_head_of_pneumo_adapt_fine_tune(monkeypatch):
+    """fine_tune_site_head: refuses too few images and a missing class; otherwise gives the
+    bundle a site head whose three-class logits learned the site (a class the trained head
+    does not know, here: bright squares are viral), out-of-fold logits for the operating
+    point, and the card's record; the trained network is left as it was."""
+    from pneumo_ray.errors import SiteError
+    from pneumo_ray.training import finetune
+
+    from ..models.test_bundle import tiny_bundle
+
+    bundle = tiny_bundle()
+    trained_state = {k: v.clone() for k, v in bundle.multiclass.state_dict().items()}
+    images, square_left = squares(120, 0)
+    labels = np.where(square_left == 1, 2, 0)  # viral or normal
+    labels[::10] = 1  # and a few bacterial
+    groups = np.arange(120) // 2
+    train_images, train_left = squares(60, 1)
+    monkeypatch.setattr(
+        finetune, "training_examples",
+        lambda bundle, seed=0: (train_images, np.where(train_left == 1, 2, 0)),
+    )  # fmt: skip
+    outputs = {"label_index": labels, "multiclass_logits": np.zeros((120, 3), np.float32)}
+    settings = FineTuneSettings(epochs=20, lr=3e-3)
+    with pytest.raises(SiteError, match="at least 100 labelled images"):
+        finetune.fine_tune_site_head(
+            bundle, {"label_index": labels[:99]}, images[:99], groups[:99], settings
+        )
+    with pytest.raises(SiteError, match="every class is needed"):
+        finetune.fine_tune_site_head(
+            bundle, {"label_index": np.minimum(labels, 1)}, images, groups, settings
+        )
+    assert bundle.multiclass_site is None
+    is_viral = labels == 2
+    assert roc_auc_score(is_viral, bundle.predict(images)["p_viral"]) < 0.8  # as trained
+
+    out, record = finetune.fine_tune_site_head(bundle, outputs, images, groups, settings)
+    assert bundle.multiclass_site is not None
+    assert record["images"] == 120 and record["patients"] == 60
+    counts = np.bincount(labels, minlength=3).tolist()
+    assert list(record["class_counts"].values()) == counts and counts[1] == 12
+    assert record["training_images"] == 60 and record["settings"]["epochs"] == 20
+    site_probs = bundle.predict(images)["p_viral"]
+    assert roc_auc_score(is_viral, site_probs) > 0.9
+    assert roc_auc_score(is_viral, out["multiclass_logits"][:, 2]) > 0.8  # out of fold
+    for key, value in bundle.multiclass.state_dict().items():
+        assert torch.equal(value, trained_state[key]), key
