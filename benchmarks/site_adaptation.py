@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pneumo_ray.cli import user_errors  # noqa: E402
 from pneumo_ray.io.data import list_store, load_image  # noqa: E402
-from pneumo_ray.io.images import ImageDecodeError  # noqa: E402
 from pneumo_ray.io.labels import CLASS_LABELS, patient_folds, patients_by_uri  # noqa: E402
+from pneumo_ray.training.finetune import TRAIN_IMAGES_PER_CLASS  # noqa: E402
 
 FIGURES = (
     ("binary", "roc_auc"),
@@ -163,29 +163,15 @@ def choose_labelled(bundle, raw, fit_rows, n, rule, seed):
 
 
 FINE_TUNE_MIN_LABELS = 100  # issue 32, point 4: "where labels allow, for example >= 100"
-TRAIN_IMAGES_PER_CLASS = 200  # the training images the fine-tuned heads also see
 
 
 def training_head_inputs(base, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The backbone features (``head_inputs``) of a seeded draw of the bundle's training
-    images, TRAIN_IMAGES_PER_CLASS of each class, for each CNN; and their class indices."""
-    import random
+    images, TRAIN_IMAGES_PER_CLASS of each class (``finetune.training_examples``, the draw
+    ``pneumo-adapt --fine-tune`` uses), for each CNN; and their class indices."""
+    from pneumo_ray.training.finetune import head_inputs, training_examples
 
-    from pneumo_ray.training.evaluation import training_split
-    from pneumo_ray.training.finetune import head_inputs
-
-    train = training_split(base.card)[0]
-    rng, drawn, pixels = random.Random(seed), [], []
-    for label in CLASS_LABELS:
-        of_label = sorted((i for i in train if i.label == label), key=lambda i: i.uri)
-        for image in rng.sample(of_label, min(TRAIN_IMAGES_PER_CLASS, len(of_label))):
-            try:
-                pixels.append(load_image(image.uri, base.image_size))
-            except ImageDecodeError:  # training skipped it too
-                continue
-            drawn.append(image)
-    pixels = np.stack(pixels)
-    targets = np.array([CLASS_LABELS.index(image.label) for image in drawn])
+    pixels, targets = training_examples(base, TRAIN_IMAGES_PER_CLASS, seed)
     features = {name: head_inputs(getattr(base, name), pixels, base.tta) for name in NETS}
     return features, targets
 
