@@ -36,10 +36,11 @@ from pneumo_ray.training.pipeline import run_training
 # every class alike; the training report's counterfactual check says what is left.
 #
 # The framing drawn relative to each film's typical frame (--framing-reference learned), fixed
-# before the run that tests it (run 11, not yet run to its end): runs 8-10's checks still moved 10-28% of validation normals under a crop to 70%,
-# and benchmarks/reframing_check.py measured, on training films alone, that the store frames
-# pneumonia 2-4% tighter per side than normal; a zoom drawn relative to the film's edges
-# keeps that difference, one drawn relative to its predicted frame does not.
+# before the run that tests it (run 11, not yet run to its end): runs 8-10's checks still
+# moved 10-28% of validation normals under a crop to 70%, and benchmarks/reframing_check.py
+# measured, on training films alone, that the store frames pneumonia 2-4% tighter per side
+# than normal; a zoom drawn relative to the film's edges keeps that difference, one drawn
+# relative to its predicted frame does not.
 ROBUSTNESS = [
     "--acquisition-shift", "--normalization", "standardize", "--tta", "flip",
     "--autoencoder-masking", "0.5", "--framing-augmentation", "--framing-reference", "learned",
