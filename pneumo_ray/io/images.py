@@ -344,29 +344,27 @@ class AcquisitionShift:
 def acquisition_shifted(batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
     """Ray Data batch function: the batch's uint8 ``image`` column as another site's
     acquisition might give it (exposure: brightness and contrast 0.6-1.4, then
-    ``AcquisitionShift``), seeded by ``seed`` and the batch's first URI (the same rows give the
-    same pixels). The scope check's reference takes these in beside the clean images, so
-    that a darker, softer or noisier site's films stay in scope."""
+    ``AcquisitionShift``), each row seeded by ``seed`` and its URI (a film gets the same pixels
+    whichever batch it is in). The scope check's reference takes these in beside the clean
+    images, so that a darker, softer or noisier site's films stay in scope."""
     import zlib
 
     import torch
 
-    first = str(batch["image_uri"][0]) if len(batch["image_uri"]) else ""
-    generator_seed = (seed * 1_000_003 + zlib.crc32(first.encode())) % (2**63)
+    x = to_model_input(batch["image"])  # (B, 1, S, S)
+    shift = AcquisitionShift()
     state = torch.random.get_rng_state()
-    torch.manual_seed(generator_seed)
     try:
-        x = to_model_input(batch["image"])  # (B, 1, S, S)
-        n = len(x)
-        brightness = 0.6 + 0.8 * torch.rand(n, 1, 1, 1)
-        contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1)
-        x = (x * brightness).clamp(0.0, 1.0)
-        mean = x.mean(dim=(2, 3), keepdim=True)
-        x = ((x - mean) * contrast + mean).clamp(0.0, 1.0)
-        shift = AcquisitionShift()
-        x = torch.stack([shift(image) for image in x]) if n else x
+        rows = []
+        for uri, image in zip(batch["image_uri"], x, strict=True):
+            torch.manual_seed((seed * 1_000_003 + zlib.crc32(str(uri).encode())) % (2**63))
+            brightness, contrast = 0.6 + 0.8 * torch.rand(2)
+            image = (image * brightness).clamp(0.0, 1.0)
+            mean = image.mean()
+            rows.append(shift(((image - mean) * contrast + mean).clamp(0.0, 1.0)))
     finally:
         torch.random.set_rng_state(state)
+    x = torch.stack(rows) if rows else x
     return {**batch, "image": x[:, 0].mul(255).round().to(torch.uint8).numpy()}
 
 

@@ -20,11 +20,29 @@ CPU_CHUNK = 16
 def network_outputs(
     models: dict[str, torch.nn.Module], x: torch.Tensor, tta: str = "none", inpaint: bool = True
 ) -> dict[str, np.ndarray]:
-    """``_network_outputs`` of ``x``, in chunks of CPU_CHUNK images on a CPU."""
-    if x.device.type != "cpu" or len(x) <= CPU_CHUNK:
+    """``_network_outputs`` of ``x``, in chunks of exactly CPU_CHUNK images on a CPU.
+
+    The last chunk is filled up with copies of its last image, whose outputs are dropped: a
+    CPU kernel's arithmetic depends on the batch's size (an image alone, or in a chunk of 5,
+    differs from the same image in a chunk of 16 in the last bits), never on the other images.
+    So an image's outputs do not depend on how Ray Data cut the stream into batches, and a
+    rerun of the same job writes the same bytes (the bundle's model_version is their hash).
+    """
+    n = len(x)
+    if x.device.type != "cpu" or n == 0:
         return _network_outputs(models, x, tta, inpaint)
+    fill = -n % CPU_CHUNK
+    if fill:
+        import torch
+
+        layout = (
+            torch.channels_last
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        x = torch.cat([x, x[-1:].expand(fill, *x.shape[1:])]).contiguous(memory_format=layout)
     parts = [_network_outputs(models, chunk, tta, inpaint) for chunk in x.split(CPU_CHUNK)]
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    return {key: np.concatenate([part[key] for part in parts])[:n] for key in parts[0]}
 
 
 def _network_outputs(

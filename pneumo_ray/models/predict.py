@@ -374,7 +374,7 @@ def run_models(
 ) -> dict[str, np.ndarray]:
     """Run ``source`` (Networks, a Bundle, or a bundle URI) over a decoded, labelled dataset
     in model actors on the cluster; returns the output columns with image_uri and
-    label_index."""
+    label_index, in image_uri order."""
     if outputs not in OUTPUTS:
         raise ValueError(f"outputs must be one of {OUTPUTS}, got {outputs!r}")
     reference = source if isinstance(source, str) else ray.put(source)
@@ -390,4 +390,12 @@ def run_models(
         batch_format="numpy",
         **plan.map_kwargs(),
     )
-    return collect(predicted)
+    return in_uri_order(collect(predicted))
+
+
+def in_uri_order(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows sorted by image_uri: the actors' rows arrive in whatever order their blocks
+    finished, and what is fitted on them (the KNN table, PatchCore's memory draw) is then
+    the same on every run."""
+    order = np.argsort(columns["image_uri"].astype(str), kind="stable")
+    return {key: value[order] for key, value in columns.items()}
