@@ -142,12 +142,21 @@ def train_reframer(
     return net.eval()
 
 
-def predict_frames(net: ReframingNet, pixels: np.ndarray) -> np.ndarray:
-    """Where a typical film's frame lies in each film, in its own coordinates ``(N, 4)``."""
-    whole = np.tile([0.0, 0.0, 1.0, 1.0], (len(pixels), 1))
+def predict_frames(net: ReframingNet, pixels: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Where a typical film's frame lies in each film, in its own coordinates ``(N, 4)``;
+    ``chunk`` films at a time."""
+    parts = []
     with torch.inference_mode():
-        x = reframe(as_input(pixels), whole, INPUT_SIDE)
-        return net(x).double().numpy()
+        for start in range(0, len(pixels), chunk):
+            films = np.asarray(pixels[start : start + chunk])
+            whole = np.tile([0.0, 0.0, 1.0, 1.0], (len(films), 1))
+            parts.append(net(reframe(as_input(films), whole, INPUT_SIDE)).double().numpy())
+    return np.concatenate(parts) if parts else np.zeros((0, 4))
+
+
+def as_pixels(x: torch.Tensor) -> np.ndarray:
+    """Float ``(N, 1, S, S)`` in [0, 1] as uint8 ``(N, S, S)`` films (``as_input``'s inverse)."""
+    return (x[:, 0] * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -156,10 +165,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     height = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
     inter = width * height
 
-    def area(box):
-        return (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
-
-    return inter / (area(a) + area(b) - inter)
+    return inter / (frame_areas(a) + frame_areas(b) - inter)
 
 
 def apply_reframing(net: ReframingNet, pixels: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -169,9 +175,8 @@ def apply_reframing(net: ReframingNet, pixels: np.ndarray, chunk: int = 256) -> 
     with torch.inference_mode():
         for start in range(0, len(pixels), chunk):
             films = np.asarray(pixels[start : start + chunk])
-            frames = predict_frames(net, films)
-            out = reframe(as_input(films), frames, films.shape[-1])[:, 0]
-            parts.append((out * 255.0).round().clamp(0, 255).to(torch.uint8).numpy())
+            frames = predict_frames(net, films, chunk)
+            parts.append(as_pixels(reframe(as_input(films), frames, films.shape[-1])))
     return np.concatenate(parts) if parts else np.asarray(pixels).copy()
 
 
@@ -183,7 +188,7 @@ def shrink(pixels: np.ndarray, side: int = FIT_SIDE) -> np.ndarray:
     x = nn.functional.interpolate(
         as_input(pixels), size=(side, side), mode="bilinear", antialias=True
     )
-    return (x[:, 0] * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return as_pixels(x)
 
 
 def fit_and_frame(
@@ -196,12 +201,11 @@ def fit_and_frame(
     pixels = np.asarray(pixels)
     draw = np.random.default_rng(seed).permutation(len(pixels))[:FIT_IMAGES]
     net = train_reframer(pixels[np.sort(draw)], epochs=epochs, seed=seed)
-    parts = [predict_frames(net, pixels[i : i + 256]) for i in range(0, len(pixels), 256)]
-    return np.concatenate(parts) if parts else np.zeros((0, 4))
+    return predict_frames(net, pixels)
 
 
 def frame_areas(frames: np.ndarray) -> np.ndarray:
     """Each frame's area as a share of its film's: 1.0 a film framed as the store typically
     frames it, larger a film framed tighter (its frame reaches past it)."""
-    frames = np.asarray(frames, dtype=np.float64)
+    frames = np.asarray(frames, dtype=np.float64)  # (N, 4) as (left, top, right, bottom)
     return (frames[:, 2] - frames[:, 0]) * (frames[:, 3] - frames[:, 1])
