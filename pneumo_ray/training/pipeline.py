@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import time
@@ -20,7 +22,7 @@ from pneumo_ray.config import (
     patchcore_available,
 )
 from pneumo_ray.errors import MissingPackageError
-from pneumo_ray.io import data
+from pneumo_ray.io import data, stores
 from pneumo_ray.io.edits import CHECK_EDITS
 from pneumo_ray.io.images import PREPROCESSING, acquisition_shifted
 from pneumo_ray.io.labels import (
@@ -62,6 +64,7 @@ from pneumo_ray.training.loop import (
     NetworkData,
     Scaling,
     TrainedNetwork,
+    checkpoint_storage,
     class_weights,
     decide_scaling,
     fit_networks,
@@ -362,15 +365,18 @@ def train_networks(
     scaling: Scaling,
     weights: dict,
     tracker: NullTracker | None = None,
-) -> dict[str, TrainedNetwork]:
+) -> tuple[dict[str, TrainedNetwork], dict | None]:
     """Train the three networks in one TorchTrainer run (the autoencoder on normals); their
-    epochs go to the tracker."""
+    epochs go to the tracker. Returns them and, with ``--framing-reference learned``, what the
+    re-framing network measured on the training films (``TrainingFrames.summary``; None when
+    the CNNs were trained before the frames were kept)."""
     tracker = tracker or NullTracker()
-    cnn_train = splits.train.dataset
-    if config.robustness.framing_reference == "learned" and not trained_before(
-        config, ["binary", "multiclass"], splits.training_fingerprint
-    ):
-        cnn_train = with_frames(splits.train.dataset, frame_training_films(config, splits))
+    cnn_train, framing = splits.train.dataset, None
+    if config.robustness.framing_reference == "learned":
+        to_train = not trained_before(config, ["binary", "multiclass"], splits.training_fingerprint)
+        framing = training_frames(config, splits, fit=to_train)
+        if to_train:
+            cnn_train = with_frames(splits.train.dataset, framing.frames)
     networks = {
         "binary": NetworkData(cnn_train, splits.val.dataset, weights["binary"]),
         "multiclass": NetworkData(cnn_train, splits.val.dataset, weights["multiclass"]),
@@ -379,10 +385,65 @@ def train_networks(
     trained = fit_networks(config, scaling, networks, splits.training_fingerprint)
     for name, network in trained.items():
         tracker.log_history(name, network.history)
-    return trained
+    return trained, None if framing is None else framing.summary
 
 
-def frame_training_films(config: TrainConfig, splits: Splits) -> dict[str, list[float]]:
+@dataclass
+class TrainingFrames:
+    """Each training film's typical frame (``--framing-reference learned``) and what the fit
+    measured: the films and draw it was fitted on, its seconds, and each class's median frame
+    area (1: the store's typical framing, above 1: framed tighter), the card's record of the
+    framing the training store gives each class."""
+
+    frames: dict[str, list[float]]  # image URI -> (left, top, right, bottom), film coordinates
+    summary: dict
+
+    def to_json(self) -> bytes:
+        return stores.json_bytes({"summary": self.summary, "frames": self.frames})
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> TrainingFrames:
+        loaded = json.loads(payload)
+        return cls(loaded["frames"], loaded["summary"])
+
+
+def frames_uri(config: TrainConfig, data_fingerprint: dict) -> str:
+    """Where the training films' frames are kept beside the networks' results: keyed by
+    what the fit depends on (the training films, the input size, the seed, the fit's
+    settings), so a rerun that trains one CNN anew does not fit the re-framing network again."""
+    identity = {
+        "data": config.data,
+        "train": data_fingerprint["train"],
+        "image_size": config.image_size,
+        "limit": config.limit,
+        "val_fraction": config.val_fraction,
+        "seed": config.seed,
+        "fit": [reframing.FIT_IMAGES, reframing.FIT_EPOCHS, reframing.FIT_SIDE],
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return stores.join(checkpoint_storage(config), "results", f"frames-{key}.json")
+
+
+def training_frames(config: TrainConfig, splits: Splits, fit: bool = True) -> TrainingFrames | None:
+    """The training films' frames kept by an earlier run, else (with ``fit``) fitted now
+    (``frame_training_films``) and kept; None when neither."""
+    uri = frames_uri(config, splits.training_fingerprint)
+    if stores.exists(uri):
+        try:
+            framing = TrainingFrames.from_json(stores.read_bytes(uri))
+        except (ValueError, KeyError) as exc:  # a run killed while writing it
+            log(f"framing reference: {uri} is unreadable ({exc!r}); fitting again")
+        else:
+            log(f"framing reference: the training films' frames from {uri}")
+            return framing
+    if not fit:
+        return None
+    framing = frame_training_films(config, splits)
+    stores.write_bytes(uri, framing.to_json())
+    return framing
+
+
+def frame_training_films(config: TrainConfig, splits: Splits) -> TrainingFrames:
     """Each training film's typical frame by URI (``--framing-reference learned``): a
     re-framing network (``models.reframing``) fitted on the training films without labels, in
     one Ray task, before the CNNs train. Logs the median frame area of each class: the
@@ -396,26 +457,39 @@ def frame_training_films(config: TrainConfig, splits: Splits) -> dict[str, list[
     order = np.argsort(uris, kind="stable")  # the draw does not depend on the blocks' order
     uris, labels = [uris[i] for i in order], np.asarray(labels)[order]
     pixels = np.concatenate(films)[order]
+    fitted_on = min(len(uris), reframing.FIT_IMAGES)
     log(
-        f"framing reference: fitting the re-framing network on "
-        f"{min(len(uris), reframing.FIT_IMAGES)} of {len(uris)} training films "
-        f"({reframing.FIT_EPOCHS} epochs, no labels)"
+        f"framing reference: fitting the re-framing network on {fitted_on} of {len(uris)} "
+        f"training films ({reframing.FIT_EPOCHS} epochs, no labels)"
     )
     started = time.perf_counter()
     threads = plan_actors(None, False).threads
     fit = ray.remote(num_cpus=1)(reframing.fit_and_frame)
     frames = ray.get(fit.remote(pixels, config.seed, threads, reframing.FIT_EPOCHS))
+    seconds = time.perf_counter() - started
     areas = reframing.frame_areas(frames)
-    by_class = ", ".join(
-        f"{label} {np.median(areas[labels == k]):.3f}"
+    medians = {
+        label: round(float(np.median(areas[labels == k])), 4)
         for k, label in enumerate(CLASS_LABELS)
         if (labels == k).any()
-    )
+    }
     log(
-        f"framing reference: fitted in {time.perf_counter() - started:.0f}s; median frame "
-        f"area by class (1: the store's typical framing, above 1: tighter) {by_class}"
+        f"framing reference: fitted in {seconds:.0f}s; median frame area by class (1: the "
+        "store's typical framing, above 1: tighter) "
+        + ", ".join(f"{label} {value:.3f}" for label, value in medians.items())
     )
-    return {uri: frame.tolist() for uri, frame in zip(uris, frames, strict=True)}
+    summary = {
+        "films": len(uris),
+        "fitted_on": fitted_on,
+        "epochs": reframing.FIT_EPOCHS,
+        "side": reframing.FIT_SIDE,
+        "seconds": round(seconds, 1),
+        "median_frame_area": medians,
+        "frame_area": "a film's typical frame as a share of the film: 1 the store's typical "
+        "framing, above 1 framed tighter",
+    }
+    frames_by_uri = {uri: frame.tolist() for uri, frame in zip(uris, frames, strict=True)}
+    return TrainingFrames(frames_by_uri, summary)
 
 
 def with_frames(dataset: ray.data.Dataset, frames: dict[str, list[float]]) -> ray.data.Dataset:
@@ -600,6 +674,7 @@ def build_card(
     references: References,
     weights: dict,
     scaling: Scaling,
+    framing: dict | None = None,
 ) -> dict:
     """The bundle's card before it is written (write_bundle adds files, versions, the
     model version): what each model is, how its thresholds were chosen, how it trained."""
@@ -743,6 +818,7 @@ def build_card(
             "worker_nodes": {name: network.worker_nodes for name, network in trained.items()},
             "history": {name: network.history for name, network in trained.items()},
             "skipped_images": [{"image_uri": u, "error": e} for u, e in splits.skipped],
+            **({"framing_reference": framing} if framing is not None else {}),
         },
         "data_fingerprint": {
             "store": config.data,
@@ -927,11 +1003,11 @@ def _train(config: TrainConfig, tracker: NullTracker) -> dict:
     log(f"training class counts {dict(splits.counts)}; class weights {weights}")
     scaling = decide_scaling(config)
     log(f"Ray Train: {scaling.describe()}; precision {config.cluster.precision}")
-    trained = train_networks(config, splits, scaling, weights, tracker)
+    trained, framing = train_networks(config, splits, scaling, weights, tracker)
     plan = plan_actors(config.cluster.num_workers, scaling.use_gpu)
     references = fit_references(config, trained, splits, plan)
     models = {name: network.model(config.image_size) for name, network in trained.items()}
-    card = build_card(config, splits, trained, references, weights, scaling)
+    card = build_card(config, splits, trained, references, weights, scaling, framing)
     bundle = Bundle(
         card,
         knn=references.knn,

@@ -137,6 +137,9 @@ def test_quality_script_trains_evaluates_and_checks_targets(subset_store, job_en
     assert weights["sha256"] == "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
     assert card["training"]["config"]["backbone_lr_scale"] == 0.1
     assert card["training"]["config"]["framing_reference"] == "learned"
+    framing = card["training"]["framing_reference"]  # what the re-framing fit measured
+    assert set(framing["median_frame_area"]) == {"normal", "bacterial", "viral"}
+    assert framing["films"] == sum(card["training"]["class_counts"].values())
     assert "film's typical frame" in card["models"]["binary"]["architecture"]
     assert re.search(r"framing reference: fitted in \d+s; median frame area by class", stdout)
     assert card["models"]["knn"]["feature_rule"].startswith("--knn-features auto")

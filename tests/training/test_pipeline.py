@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pneumo_ray.config import TrainConfig
+from pneumo_ray.io.labels import CLASS_LABELS
 from pneumo_ray.models.knn import KNN_K_CANDIDATES
 from pneumo_ray.training.pipeline import _choose_knn
 
@@ -94,12 +95,16 @@ def test_a_learned_framing_reference_reaches_the_training_batches(ray_local, tmp
         framing_augmentation=True, framing_reference="learned",
     )  # fmt: skip
     splits = list_and_decode(config)
-    frames = frame_training_films(config, splits)
+    fitted = frame_training_films(config, splits)
+    frames = fitted.frames
     assert set(frames) == {i.uri for i in splits.train_images}
     values = np.array(list(frames.values()))
     assert values.shape == (len(frames), 4) and np.isfinite(values).all()
     assert (values[:, 2] > values[:, 0]).all() and (values[:, 3] > values[:, 1]).all()
-    assert frame_training_films(config, splits) == frames
+    assert frame_training_films(config, splits).frames == frames
+    areas = fitted.summary["median_frame_area"]
+    assert set(areas) == set(CLASS_LABELS) and all(a > 0 for a in areas.values())
+    assert fitted.summary["films"] == len(frames) and fitted.summary["epochs"] == 2
 
     framed = with_frames(splits.train.dataset, frames)
     rows = framed.select_columns(["image_uri", reframing.FRAME_COLUMN]).take_all()
@@ -109,3 +114,43 @@ def test_a_learned_framing_reference_reaches_the_training_batches(ray_local, tmp
     assert batches[0][0].shape[1:] == (1, 32, 32)
     plain = training_batches(splits.train.dataset, 5, torch.device("cpu"), None)
     assert all(batch[2] is None for batch in plain)
+
+
+def test_the_training_films_frames_are_kept_and_not_fitted_twice(ray_local, tmp_path, monkeypatch):
+    """training_frames fits once and keeps the frames beside the networks' results; a rerun
+    (or one that trains a single CNN anew) reads them back, and the card's record with them.
+    A kept file that a killed run left unreadable is fitted again; a rerun that trains
+    nothing fits nothing."""
+    from pneumo_ray.io import stores
+    from pneumo_ray.io.synthetic import write_synthetic_store
+    from pneumo_ray.models import reframing
+    from pneumo_ray.training import pipeline
+
+    monkeypatch.setattr(reframing, "FIT_EPOCHS", 1)
+    store = write_synthetic_store(str(tmp_path / "store"), per_class=6, test_per_class=1, size=48)
+    settings = dict(
+        data=store, output=str(tmp_path / "b"), image_size=32,
+        framing_augmentation=True, framing_reference="learned",
+    )  # fmt: skip
+    config = TrainConfig.from_flat(**settings)
+    splits = pipeline.list_and_decode(config)
+    assert pipeline.training_frames(config, splits, fit=False) is None
+    first = pipeline.training_frames(config, splits)
+    uri = pipeline.frames_uri(config, splits.training_fingerprint)
+    assert stores.exists(uri) and uri.startswith(str(tmp_path / "b" / "checkpoints"))
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr(pipeline, "frame_training_films", no_fit)
+    again = pipeline.training_frames(config, splits)
+    assert again.frames == first.frames and again.summary == first.summary
+    other_seed = TrainConfig.from_flat(**settings, seed=1)
+    assert pipeline.frames_uri(other_seed, splits.training_fingerprint) != uri
+
+    monkeypatch.undo()
+    monkeypatch.setattr(reframing, "FIT_EPOCHS", 1)
+    stores.write_bytes(uri, b'{"summary": {"films"')  # cut short
+    refitted = pipeline.training_frames(config, splits)
+    assert refitted.frames.keys() == first.frames.keys()
+    assert pipeline.training_frames(config, splits).summary == refitted.summary
