@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 OUTPUTS = ("networks", "bundle")
 DECODE_MODES = ("auto", "cpu", "gpu")
-PASSTHROUGH = ("image_uri", "label_index", "image_bytes", "image_mtime_ns")
+# "variant": which copy of a film a row is, where a pass takes several (the training references)
+PASSTHROUGH = ("image_uri", "label_index", "image_bytes", "image_mtime_ns", "variant")
 
 
 @dataclass

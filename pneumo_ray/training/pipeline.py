@@ -524,29 +524,44 @@ def scope_extractor() -> ScopeFeatures | None:
         return None
 
 
-def fit_scope(
-    config: TrainConfig,
-    splits: Splits,
-    clean: dict[str, dict[str, np.ndarray]],
-    networks: Networks,
-    plan: ActorPlan,
-) -> ScopeReference | None:
-    """The scope check's Gaussians of the training images (every class), clean and as another
-    site's acquisition might give them (``acquisition_shifted``), thresholds at PERCENTILE of
-    the validation images' distances, clean and shifted alike; None without the extractor.
+VARIANT_COLUMN = "variant"  # in the references' pass: 0 a film as taken, 1 its shifted copy
 
-    ``clean``: the networks' outputs on the clean "train" and "val" images, from the passes
-    that also give the KNN's and the thresholds' outputs. The shifted images of both splits go
-    through the model actors in one pass (each pass starts its own actors: seconds apiece)."""
-    if "scope" not in networks.states:
-        return None
+
+def _mark(batch: dict[str, np.ndarray], variant: int) -> dict[str, np.ndarray]:
+    return {**batch, VARIANT_COLUMN: np.full(len(batch["image_uri"]), variant, np.int8)}
+
+
+def with_shifted_copies(config: TrainConfig, splits: Splits) -> ray.data.Dataset:
+    """The training images (``VARIANT_COLUMN`` 0), then the training and validation images as
+    another site's acquisition might give them (``acquisition_shifted``, 1): the KNN's and the
+    scope check's outputs in one pass of the model actors (each pass starts its own actors:
+    seconds apiece, more with a GPU's start)."""
+    taken = splits.train.dataset.map_batches(_mark, fn_kwargs={"variant": 0}, batch_format="numpy")
     shifted = [
         split.dataset.map_batches(
             acquisition_shifted, fn_kwargs={"seed": seed}, batch_format="numpy"
-        )
+        ).map_batches(_mark, fn_kwargs={"variant": 1}, batch_format="numpy")
         for split, seed in ((splits.train, config.seed), (splits.val, config.seed + 1))
     ]
-    raw = run_models(shifted[0].union(shifted[1]), networks, plan)
+    return taken.union(*shifted)
+
+
+def split_variants(out: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """``run_models`` rows of ``with_shifted_copies``: (as taken, shifted copies)."""
+    shifted = out.pop(VARIANT_COLUMN) == 1
+    return {k: v[~shifted] for k, v in out.items()}, {k: v[shifted] for k, v in out.items()}
+
+
+def fit_scope(
+    clean: dict[str, dict[str, np.ndarray]], raw: dict[str, np.ndarray]
+) -> ScopeReference:
+    """The scope check's Gaussians of the training images (every class), clean and as another
+    site's acquisition might give them (``acquisition_shifted``), thresholds at PERCENTILE of
+    the validation images' distances, clean and shifted alike.
+
+    ``clean``: the networks' outputs on the clean "train" and "val" images, from the passes
+    that also give the KNN's and the thresholds' outputs; ``raw``: theirs on the shifted
+    copies of both splits (``with_shifted_copies``)."""
     moved = scope_features(raw)
     in_train = np.isin(raw["image_uri"], clean["train"]["image_uri"])
 
@@ -621,12 +636,16 @@ def fit_references(
         ),
         plan,
     )
-    # The training images' three-class outputs (the KNN) and scope features in one pass.
+    # The training images' three-class outputs (the KNN) and scope features, and the scope
+    # features of their shifted copies, in one pass.
     multiclass_and_scope = networks("multiclass", *with_scope)
-    train_out = run_models(splits.train.dataset, multiclass_and_scope, plan)
-    scope_reference = fit_scope(
-        config, splits, {"train": train_out, "val": val_out}, multiclass_and_scope, plan
-    )
+    if scope is None:
+        train_out = run_models(splits.train.dataset, multiclass_and_scope, plan)
+        scope_reference = None
+    else:
+        both = run_models(with_shifted_copies(config, splits), multiclass_and_scope, plan)
+        train_out, shifted_out = split_variants(both)
+        scope_reference = fit_scope({"train": train_out, "val": val_out}, shifted_out)
     robustness, choices = config.robustness, config.validation
     calibrated = calibrate(val_out, robustness.calibrate, robustness.binary_score)
     binary_threshold, binary_rule = choose_binary_threshold(
