@@ -141,14 +141,15 @@ def test_thresholds_and_anomaly_score_are_chosen_on_validation(trained):
 
 
 def test_the_passes_after_training_run_each_network_once_per_image(trained):
-    """Four model-actor passes before the evaluation (each starts its actors: seconds apiece):
-    normal training images, validation, training images, and the shifted images of both
-    splits together, split back by image for the scope check's Gaussians and thresholds."""
+    """Three model-actor passes before the evaluation (each starts its actors: seconds
+    apiece): normal training images, validation, and the training images with the shifted
+    copies of both splits, split back by variant and image for the KNN and the scope check's
+    Gaussians and thresholds."""
     bundle, output = trained
     after_training = output.split("choosing thresholds and KNN features on validation")[1]
     before_evaluation = after_training.split("evaluating on the test split")[0]
     assert "(1 model actor(s)" in output
-    assert before_evaluation.count("model actor ready on node") == 4, before_evaluation[-3000:]
+    assert before_evaluation.count("model actor ready on node") == 3, before_evaluation[-3000:]
     card = json.loads((bundle / "card.json").read_text())
     train_images = card["models"]["knn"]["reference_images"]  # every usable training image
     assert card["scope"]["fit_images"] == 2 * train_images  # each clean and shifted
