@@ -294,6 +294,13 @@ def to_model_input(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor.unsqueeze(1).to(torch.float32).div_(255.0)
 
 
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """float ``(B, 1, H, W)`` in [0, 1] -> uint8 ``(B, H, W)`` (``to_model_input``'s inverse)."""
+    import torch
+
+    return (x[:, 0] * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
 class AcquisitionShift:
     """What differs between X-ray sites, drawn at random for one ``(1, H, W)`` image in [0, 1]:
 
@@ -365,7 +372,7 @@ def acquisition_shifted(batch: dict[str, np.ndarray], seed: int) -> dict[str, np
     finally:
         torch.random.set_rng_state(state)
     x = torch.stack(rows) if rows else x
-    return {**batch, "image": x[:, 0].mul(255).round().to(torch.uint8).numpy()}
+    return {**batch, "image": to_pixels(x)}
 
 
 FRAME_SIDE = (0.5, 2.0)  # a predicted frame's side (of the film's) is held to this range

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pneumo_ray.io.images import to_model_input, to_pixels
+
 INPUT_SIDE = 64  # the re-framing network's input, in pixels
 FRAME_COLUMN = "frame"  # a training dataset's column of each film's predicted frame (4 floats)
 FIT_IMAGES = 2000  # training films (a seeded draw) the training job fits the network on
@@ -82,7 +84,7 @@ def reframe(images: torch.Tensor, windows: np.ndarray, side: int) -> torch.Tenso
 
 def as_input(pixels: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, S, S)`` films as float ``(N, 1, S, S)`` in [0, 1]."""
-    return torch.as_tensor(np.asarray(pixels), dtype=torch.float32).unsqueeze(1) / 255.0
+    return to_model_input(np.asarray(pixels))
 
 
 class ReframingNet(nn.Module):
@@ -154,11 +156,6 @@ def predict_frames(net: ReframingNet, pixels: np.ndarray, chunk: int = 256) -> n
     return np.concatenate(parts) if parts else np.zeros((0, 4))
 
 
-def as_pixels(x: torch.Tensor) -> np.ndarray:
-    """Float ``(N, 1, S, S)`` in [0, 1] as uint8 ``(N, S, S)`` films (``as_input``'s inverse)."""
-    return (x[:, 0] * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of boxes row by row, ``(N, 4)`` each as (left, top, right, bottom)."""
     width = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
@@ -176,7 +173,7 @@ def apply_reframing(net: ReframingNet, pixels: np.ndarray, chunk: int = 256) -> 
         for start in range(0, len(pixels), chunk):
             films = np.asarray(pixels[start : start + chunk])
             frames = predict_frames(net, films, chunk)
-            parts.append(as_pixels(reframe(as_input(films), frames, films.shape[-1])))
+            parts.append(to_pixels(reframe(as_input(films), frames, films.shape[-1])))
     return np.concatenate(parts) if parts else np.asarray(pixels).copy()
 
 
@@ -188,7 +185,7 @@ def shrink(pixels: np.ndarray, side: int = FIT_SIDE) -> np.ndarray:
     x = nn.functional.interpolate(
         as_input(pixels), size=(side, side), mode="bilinear", antialias=True
     )
-    return as_pixels(x)
+    return to_pixels(x)
 
 
 def fit_and_frame(
