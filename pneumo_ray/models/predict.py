@@ -44,8 +44,9 @@ if TYPE_CHECKING:
 
 OUTPUTS = ("networks", "bundle")
 DECODE_MODES = ("auto", "cpu", "gpu")
-# "variant": which copy of a film a row is, where a pass takes several (the training references)
-PASSTHROUGH = ("image_uri", "label_index", "image_bytes", "image_mtime_ns", "variant")
+# Which copy of a film a row is, where a pass takes several (the training references).
+VARIANT_COLUMN = "variant"
+PASSTHROUGH = ("image_uri", "label_index", "image_bytes", "image_mtime_ns", VARIANT_COLUMN)
 
 
 @dataclass

@@ -48,7 +48,14 @@ from pneumo_ray.models.efficientnet_lite import packaged_weights
 from pneumo_ray.models.knn import KNN_K_CANDIDATES, KnnReference, select_features
 from pneumo_ray.models.patchcore import REDUCTIONS as PATCH_REDUCTIONS
 from pneumo_ray.models.patchcore import PatchFeatures, PatchMemory, reduce_patches
-from pneumo_ray.models.predict import ActorPlan, Networks, collect, plan_actors, run_models
+from pneumo_ray.models.predict import (
+    VARIANT_COLUMN,
+    ActorPlan,
+    Networks,
+    collect,
+    plan_actors,
+    run_models,
+)
 from pneumo_ray.models.scope import (
     SCOPE_ARCHITECTURE,
     ScopeFeatures,
@@ -524,10 +531,8 @@ def scope_extractor() -> ScopeFeatures | None:
         return None
 
 
-VARIANT_COLUMN = "variant"  # in the references' pass: 0 a film as taken, 1 its shifted copy
-
-
 def _mark(batch: dict[str, np.ndarray], variant: int) -> dict[str, np.ndarray]:
+    """The batch with ``VARIANT_COLUMN``: 0 a film as taken, 1 its shifted copy."""
     return {**batch, VARIANT_COLUMN: np.full(len(batch["image_uri"]), variant, np.int8)}
 
 
